@@ -1,0 +1,129 @@
+// torchfunc/jacobian.h: jacrev, jacfwd and hessian. Mirror torch.func.jacrev,
+// torch.func.jacfwd and torch.func.hessian.
+//
+// Result shape rule (as torch.func): the output tree of f with every Tensor
+// leaf `out` replaced by the Jacobian w.r.t. the selected argument(s); each
+// block has shape out.shape + in.shape. One argnum gives that argument's own
+// type per output leaf; argnums<I...> gives a std::tuple per output leaf.
+#pragma once
+
+#include <torchfunc/detail/meta.h>
+
+namespace torchfunc {
+namespace detail {
+
+enum class JacMode { Rev, Fwd };
+
+template <JacMode Mode, class F, class Sel, bool Aux, class Options>
+class JacTransform {
+ public:
+  JacTransform(F f, Options o) : f_(std::move(f)), options_(o) {}
+
+  template <class... Args>
+  auto operator()(const Args&... args) const {
+    constexpr size_t N = sizeof...(Args);
+    static_assert(N > 0, "torchfunc::jacrev/jacfwd: f must take at least one argument.");
+    using R = result_t<F, Args...>;
+    using Out = std::conditional_t<Aux, typename aux_split<R>::out, R>;
+    if constexpr (Aux) {
+      static_assert(aux_split<R>::ok,
+                    "torchfunc::jacrev/jacfwd: with has_aux, f must return std::pair<Out, Aux>.");
+      static_assert(only_tensor_leaves<typename aux_split<R>::aux>(),
+                    "torchfunc::jacrev/jacfwd: aux may only contain Tensors.");
+    }
+    static_assert(only_tensor_leaves<Out>(),
+                  "torchfunc::jacrev/jacfwd: f must return a Tensor or a container of Tensors.");
+    constexpr const char* api = Mode == JacMode::Rev ? "jacrev(f, ...)(*args)" : "jacfwd(f, ...)(*args)";
+
+    const auto like = std::forward_as_tuple(args...);
+    const auto fa = flatten_args(like);
+    const auto mask = select_mask(Sel{}, fa);
+    std::optional<R> out;
+    auto flat_fn = [&](Tensors& in, FlatResult& res) {
+      out.emplace(call_rebuilt(f_, like, in));
+      if constexpr (Aux) {
+        flatten_into(primary_of(*out), res.leaves);
+        res.num_primary = res.leaves.size();
+        flatten_into(aux_of(*out), res.leaves);
+      } else {
+        flatten_into(*out, res.leaves);
+        res.num_primary = res.leaves.size();
+      }
+    };
+    auto name = [&](size_t i) { return leaf_path(like, i, "args"); };
+    JacOut j = [&] {
+      if constexpr (Mode == JacMode::Rev) {
+        return jacrev_flat(fa.leaves, mask, flat_fn, options_.chunk_size(), api, name);
+      } else {
+        return jacfwd_flat(fa.leaves, mask, flat_fn, options_.randomness(), api, name);
+      }
+    }();
+    // One block per output leaf, shaped like the selected arguments.
+    using Block = decltype(select_args(Sel{}, like, fa, j.jac[0]));
+    std::vector<Block> blocks;
+    blocks.reserve(j.jac.size());
+    for (const auto& row : j.jac) blocks.push_back(select_args(Sel{}, like, fa, row));
+    const Out& out_like = [&]() -> const Out& {
+      if constexpr (Aux) {
+        return primary_of(*out);
+      } else {
+        return *out;
+      }
+    }();
+    const Block* bit = blocks.data();
+    auto result = map_leaves<Block>(out_like, bit);
+    if constexpr (Aux) {
+      const at::Tensor* ait = j.aux.data();
+      auto aux = unflatten(aux_of(*out), ait);
+      out.reset();
+      return std::make_pair(std::move(result), std::move(aux));
+    } else {
+      out.reset();
+      return result;
+    }
+  }
+
+ private:
+  F f_;
+  Options options_;
+};
+
+}  // namespace detail
+
+/// jacrev(f, [argnum<I> | argnums<I...>], [has_aux], [JacrevOptions])(args...)
+///
+/// Mirrors torch.func.jacrev: one vjp of f, then vmap of its pullback over
+/// the rows of the identity (chunk_size rows at a time; 1 means a loop).
+///   auto J = jacrev(f)(x);                    // [out..., in...]
+///   auto [Jw, Jb] = jacrev(f, argnums<0, 1>)(w, b);
+template <class F, class... Tags>
+auto jacrev(F f, const Tags&... tags) {
+  using P = detail::parse_tags<Tags...>;
+  auto o = detail::find_option<JacrevOptions>(tags...);
+  TORCH_CHECK(!o.chunk_size().has_value() || *o.chunk_size() > 0,
+              "torchfunc::jacrev: Expected chunk_size to be a positive integer, but got ",
+              *o.chunk_size(), ".");
+  return detail::JacTransform<detail::JacMode::Rev, F, typename P::sel, P::aux, JacrevOptions>(std::move(f), o);
+}
+
+/// jacfwd(f, [argnum<I> | argnums<I...>], [has_aux], [JacfwdOptions])(args...)
+///
+/// Mirrors torch.func.jacfwd: vmap of jvp over the columns of the identity.
+/// Better than jacrev when there are fewer inputs than outputs.
+template <class F, class... Tags>
+auto jacfwd(F f, const Tags&... tags) {
+  using P = detail::parse_tags<Tags...>;
+  auto o = detail::find_option<JacfwdOptions>(tags...);
+  return detail::JacTransform<detail::JacMode::Fwd, F, typename P::sel, P::aux, JacfwdOptions>(std::move(f), o);
+}
+
+/// hessian(f, [argnum<I> | argnums<I...>])(args...) = jacfwd(jacrev(f, a), a).
+/// Mirrors torch.func.hessian. For scalar f of x: shape x.shape + x.shape.
+template <class F, class... Tags>
+auto hessian(F f, const Tags&... tags) {
+  using P = detail::parse_tags<Tags...>;
+  static_assert(!P::aux, "torchfunc::hessian: has_aux is not supported (as in torch.func.hessian).");
+  return jacfwd(jacrev(std::move(f), tags...), tags...);
+}
+
+}  // namespace torchfunc

@@ -1,0 +1,137 @@
+// torchfunc/options.h: the tags and options that every transform accepts.
+//
+// What changes a result's type is a compile-time tag (argnums, has_aux);
+// what does not (in_dims, out_dims, chunk_size, randomness) is a runtime value.
+#pragma once
+
+#include <c10/util/Optional.h>
+#include <torch/arg.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchfunc {
+
+/// Python's None where a dimension is expected: "do not map over this".
+struct none_t {
+  constexpr bool operator==(none_t) const { return true; }
+};
+inline constexpr none_t none{};
+
+/// f returns {output, aux}; aux is passed through the transform untouched
+/// (unwrapped) and returned next to the result. Mirrors has_aux=True.
+struct has_aux_t {};
+inline constexpr has_aux_t has_aux{};
+
+/// Python's argnums=I: differentiate w.r.t. argument I, result is a bare value.
+template <int I>
+struct argnum_t {};
+template <int I>
+inline constexpr argnum_t<I> argnum{};
+
+/// Python's argnums=(I, J, ...): differentiate w.r.t. several arguments,
+/// result is a std::tuple with one entry per index (argnums<0> is a 1-tuple).
+template <int... I>
+struct argnums_t {};
+template <int... I>
+inline constexpr argnums_t<I...> argnums{};
+
+/// How random operations behave under vmap. Mirrors randomness="error" |
+/// "same" | "different".
+enum class Randomness { Error, Same, Different };
+
+/// A (possibly nested) in_dims / out_dims value: an int, `none`, a sequence
+/// (`Dims{0, none}`, matched element-wise against a tuple/vector/array/pair/
+/// struct) or a string-keyed dict (`Dims::dict({{"w", 0}, {"b", none}})`).
+/// An int or `none` broadcasts over a whole subtree.
+class Dims {
+ public:
+  enum class Kind { Int, None, Seq, Dict };
+
+  Dims(int d) : kind_(Kind::Int), value_(d) {}  // NOLINT: implicit on purpose
+  Dims(int64_t d) : kind_(Kind::Int), value_(d) {}  // NOLINT
+  Dims(none_t) : kind_(Kind::None) {}  // NOLINT
+  Dims(std::initializer_list<Dims> seq) : kind_(Kind::Seq), children_(seq) {}
+  explicit Dims(std::vector<Dims> seq) : kind_(Kind::Seq), children_(std::move(seq)) {}
+
+  static Dims dict(std::vector<std::pair<std::string, Dims>> items) {
+    Dims d(none);
+    d.kind_ = Kind::Dict;
+    for (auto& kv : items) {
+      d.keys_.push_back(std::move(kv.first));
+      d.children_.push_back(std::move(kv.second));
+    }
+    return d;
+  }
+
+  Kind kind() const { return kind_; }
+  bool is_leaf() const { return kind_ == Kind::Int || kind_ == Kind::None; }
+  bool is_none() const { return kind_ == Kind::None; }
+  c10::optional<int64_t> value() const {
+    return kind_ == Kind::Int ? c10::optional<int64_t>(value_) : c10::nullopt;
+  }
+  const std::vector<Dims>& children() const { return children_; }
+  const std::vector<std::string>& keys() const { return keys_; }
+  const Dims* find(const std::string& key) const {
+    for (size_t i = 0; i < keys_.size(); ++i)
+      if (keys_[i] == key) return &children_[i];
+    return nullptr;
+  }
+  /// Python-like rendering: 0, none, (none, 0), {'w': 0}.
+  std::string str() const;
+
+ private:
+  Kind kind_;
+  int64_t value_ = 0;
+  std::vector<Dims> children_;
+  std::vector<std::string> keys_;
+};
+
+namespace detail {
+struct InDimsTag {
+  Dims dims;
+};
+struct OutDimsTag {
+  Dims dims;
+};
+}  // namespace detail
+
+/// Python's tuple form of in_dims: one entry per positional argument.
+template <class... D>
+detail::InDimsTag in_dims(D&&... d) {
+  return {Dims(std::vector<Dims>{Dims(std::forward<D>(d))...})};
+}
+
+/// out_dims: one entry per output when f returns a tuple; a single entry is
+/// the same as a bare value (it broadcasts over the whole output).
+template <class... D>
+detail::OutDimsTag out_dims(D&&... d) {
+  if constexpr (sizeof...(D) == 1) {
+    return {Dims(std::forward<D>(d)...)};
+  } else {
+    return {Dims(std::vector<Dims>{Dims(std::forward<D>(d))...})};
+  }
+}
+
+/// Options of vmap. Mirrors vmap(..., randomness=, chunk_size=).
+struct VmapOptions {
+  /// Split the batch into chunks of this many samples (memory for speed).
+  TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
+  TORCH_ARG(Randomness, randomness) = Randomness::Error;
+};
+
+/// Options of jacrev. Mirrors jacrev(..., chunk_size=).
+struct JacrevOptions {
+  /// Rows of the Jacobian computed per vmap call; 1 means a plain loop.
+  TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
+};
+
+/// Options of jacfwd. Mirrors jacfwd(..., randomness=).
+struct JacfwdOptions {
+  TORCH_ARG(Randomness, randomness) = Randomness::Error;
+};
+
+}  // namespace torchfunc

@@ -1,0 +1,15 @@
+// torchfunc/torchfunc.h: everything. torch.func's composable function
+// transforms for C++ users of libtorch.
+//
+//   #include <torchfunc/torchfunc.h>
+//   namespace func = torchfunc;
+//   auto g = func::grad(f)(x);
+#pragma once
+
+#include <torchfunc/options.h>
+#include <torchfunc/tree.h>
+#include <torchfunc/grad.h>
+#include <torchfunc/vjp.h>
+#include <torchfunc/jvp.h>
+#include <torchfunc/vmap.h>
+#include <torchfunc/jacobian.h>

@@ -1,0 +1,67 @@
+// src/compat.h: every difference between libtorch 1.13 and 2.x that
+// torchfunc depends on lives here, and only here.
+//
+// 1.13: c10::optional, int64_t batch sizes, TransformType/RandomnessType in
+//       at::functorch.
+// 2.x:  std::optional (c10::optional is an alias), c10::SymInt batch sizes,
+//       same entry points.
+#pragma once
+
+#include <ATen/functorch/BatchedTensorImpl.h>
+#include <ATen/functorch/DynamicLayer.h>
+#include <ATen/functorch/TensorWrapper.h>
+#include <torch/version.h>
+
+#include <cstdint>
+
+namespace torchfunc {
+namespace compat {
+
+namespace ft = at::functorch;
+
+#if TORCH_VERSION_MAJOR >= 2
+inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
+  return ft::initAndPushDynamicLayer(ft::TransformType::Vmap, c10::SymInt(batch_size), r);
+}
+#else
+inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
+  return ft::initAndPushDynamicLayer(ft::TransformType::Vmap, batch_size, r);
+}
+#endif
+
+inline int64_t push_grad_layer(bool prev_grad_mode) {
+  return ft::initAndPushDynamicLayer(ft::TransformType::Grad, c10::nullopt, c10::nullopt, prev_grad_mode);
+}
+
+inline int64_t push_jvp_layer(bool prev_fwd_grad_mode) {
+  return ft::initAndPushDynamicLayer(ft::TransformType::Jvp, c10::nullopt, c10::nullopt, c10::nullopt,
+                                     prev_fwd_grad_mode);
+}
+
+inline size_t layer_depth() { return ft::getDynamicLayerStack().size(); }
+
+inline void pop_layer() { ft::popDynamicLayerAndDeleteMetadata(); }
+
+/// (value, bdim) if t is batched at exactly `level`.
+inline ft::BatchedTensorImpl* batched_at(const at::Tensor& t, int64_t level) {
+  auto* b = ft::maybeGetBatchedImpl(t);
+  return (b && b->level() == level) ? b : nullptr;
+}
+
+inline ft::TensorWrapper* wrapper_of(const at::Tensor& t) { return ft::maybeGetTensorWrapper(t); }
+
+/// The wrapped value if t is a TensorWrapper of `level` (alive or not).
+inline at::Tensor unwrap_grad(const at::Tensor& t, int64_t level) {
+  auto* w = ft::maybeGetTensorWrapper(t);
+  if (!w) return t;
+#if TORCH_VERSION_MAJOR >= 2
+  // 2.x: level() is only meaningful while the level is alive; compare raw.
+#endif
+  auto lvl = w->level();
+  if (lvl.has_value() && *lvl == level) return w->value();
+  if (!lvl.has_value()) return ft::unwrapIfDead(t);
+  return t;
+}
+
+}  // namespace compat
+}  // namespace torchfunc

@@ -1,0 +1,2 @@
+// placeholder until functional_call lands
+#include <torchfunc/torchfunc.h>
