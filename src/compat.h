@@ -38,6 +38,17 @@ inline int64_t push_jvp_layer(bool prev_fwd_grad_mode) {
                                      prev_fwd_grad_mode);
 }
 
+// libtorch 1.13 keeps each level's "is alive" flag in one process-wide map
+// keyed by level id, and level ids restart at 1 in every thread: two threads
+// inside transforms at once collide (an internal assert). 2.x keeps that flag
+// on the thread's own layer. So on 1.13 we run transforms of different threads
+// one at a time (see LayerGuard in core.cpp); on 2.x they run concurrently.
+#if TORCH_VERSION_MAJOR >= 2
+constexpr bool kSerializeThreads = false;
+#else
+constexpr bool kSerializeThreads = true;
+#endif
+
 inline size_t layer_depth() { return ft::getDynamicLayerStack().size(); }
 
 inline void pop_layer() { ft::popDynamicLayerAndDeleteMetadata(); }

@@ -40,6 +40,8 @@ namespace detail {
 
 namespace ft = at::functorch;
 
+size_t layer_depth() { return compat::layer_depth(); }
+
 void fail(const std::string& msg) { TORCH_CHECK(false, "torchfunc::", msg); }
 
 // ---- small helpers ------------------------------------------------------------
@@ -73,6 +75,26 @@ std::string shape_str(at::IntArrayRef s) {
   return o.str();
 }
 
+/// Holds the process-wide transform lock while this thread is inside its
+/// outermost transform (only where compat::kSerializeThreads).
+class ThreadSerializer {
+ public:
+  ThreadSerializer() {
+    if (compat::kSerializeThreads && depth_++ == 0) mutex().lock();
+  }
+  ~ThreadSerializer() {
+    if (compat::kSerializeThreads && --depth_ == 0) mutex().unlock();
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static thread_local int depth_;
+};
+thread_local int ThreadSerializer::depth_ = 0;
+
 /// Pushes one functorch level and pops it (and anything left above it) on
 /// every exit path.
 class LayerGuard {
@@ -95,6 +117,7 @@ class LayerGuard {
   int64_t level() const { return level_; }
 
  private:
+  ThreadSerializer serializer_;  // constructed first, released last
   size_t depth_;
   int64_t level_ = 0;
 };

@@ -77,9 +77,13 @@ template <class A, class... Rest>
 void vmap_parse(VmapSpec& s, int& positional, A&& a, Rest&&... rest) {
   using T = std::decay_t<A>;
   if constexpr (std::is_same_v<T, InDimsTag>) {
+    TORCH_CHECK(positional == 0, "torchfunc::vmap: in_dims given twice");
     s.in = a.dims;
+    positional = 1;  // a following bare value is out_dims
   } else if constexpr (std::is_same_v<T, OutDimsTag>) {
+    TORCH_CHECK(positional < 2, "torchfunc::vmap: out_dims given twice");
     s.out = a.dims;
+    positional = 2;
   } else if constexpr (std::is_same_v<T, VmapOptions>) {
     s.options = a;
   } else if constexpr (std::is_same_v<T, Randomness>) {

@@ -103,6 +103,9 @@ JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
 JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
                    Randomness randomness, const char* api, LeafName name);
 
+/// Depth of this thread's functorch layer stack (tests check it is restored).
+size_t layer_depth();
+
 // ---- errors ------------------------------------------------------------------
 /// Throws c10::Error with "torchfunc::" + msg.
 [[noreturn]] void fail(const std::string& msg);

@@ -1,0 +1,191 @@
+// Tests for compositions of transforms (every nesting order, three deep,
+// closures over outer tensors), threads and escaped tensors.
+#include "common.h"
+
+#include <thread>
+
+namespace {
+
+Tensor predict(const Tensor& w, const Tensor& b, const Tensor& x) { return torch::tanh(torch::linear(x, w, b)); }
+
+TEST_F(TF, GradOfGradAndThreeDeep) {
+  Tensor x = torch::randn({}, torch::kDouble);
+  auto s = [](const Tensor& t) { return t.sin(); };
+  expect_close(func::grad(s)(x), x.cos(), 1e-12);
+  expect_close(func::grad(func::grad(s))(x), -x.sin(), 1e-12);
+  expect_close(func::grad(func::grad(func::grad(s)))(x), -x.cos(), 1e-12);
+  Tensor xs = torch::randn({7}, torch::kDouble);
+  expect_close(func::vmap(func::grad(func::grad(s)))(xs), -xs.sin(), 1e-12);
+  expect_close(func::vmap(func::vmap(func::grad(s)))(xs.view({7, 1})), xs.cos().view({7, 1}), 1e-12);
+}
+
+TEST_F(TF, PerSampleGradientsMatchLoop) {
+  Tensor w = torch::randn({3, 5}, torch::kDouble), b = torch::randn({3}, torch::kDouble);
+  Tensor xs = torch::randn({8, 5}, torch::kDouble), ys = torch::randint(0, 3, {8});
+  auto loss = [](const Tensor& w, const Tensor& b, const Tensor& x, const Tensor& y) {
+    Tensor logits = torch::linear(x.unsqueeze(0), w, b);
+    return torch::nll_loss(torch::log_softmax(logits, 1), y.unsqueeze(0));
+  };
+  auto [gw, gb] = func::vmap(func::grad(loss, func::argnums<0, 1>), func::in_dims(func::none, func::none, 0, 0))(w, b, xs, ys);
+  for (int64_t i = 0; i < 8; ++i) {
+    Tensor wr = w.clone().requires_grad_(true), br = b.clone().requires_grad_(true);
+    auto g = torch::autograd::grad({loss(wr, br, xs[i], ys[i])}, {wr, br});
+    expect_close(gw[i], g[0], 1e-12);
+    expect_close(gb[i], g[1], 1e-12);
+  }
+}
+
+TEST_F(TF, GradOfVmap) {
+  Tensor x = torch::randn({6}, torch::kDouble);
+  auto f = [](const Tensor& t) { return func::vmap([](const Tensor& e) { return e.sin() * e; })(t).sum(); };
+  expect_close(func::grad(f)(x), x.cos() * x + x.sin(), 1e-12);
+}
+
+TEST_F(TF, VmapOfVmapMatchesDoubleLoop) {
+  Tensor a = torch::randn({3, 4, 5});
+  Tensor b = torch::randn({5});
+  auto f = [&](const Tensor& r) { return (r * b).sum(); };
+  Tensor out = func::vmap(func::vmap(f))(a);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 4; ++j) expect_close(out[i][j], f(a[i][j]), 1e-5);
+  // inner vmap over dim 1 of the outer sample
+  Tensor out2 = func::vmap(func::vmap(f, 1, 0), 0)(a.transpose(1, 2).contiguous());
+  expect_close(out2, out, 1e-5);
+}
+
+TEST_F(TF, JacobiansComposed) {
+  Tensor w = torch::randn({5, 5}, torch::kDouble), b = torch::randn({5}, torch::kDouble);
+  Tensor xs = torch::randn({64, 5}, torch::kDouble);
+  // whirlwind tour: vmap(jacrev) gives [64, 5, 5]
+  Tensor J = func::vmap(func::jacrev(predict, func::argnum<2>), func::in_dims(func::none, func::none, 0))(w, b, xs);
+  ASSERT_EQ(J.sizes(), (std::vector<int64_t>{64, 5, 5}));
+  Tensor Jf = func::vmap(func::jacfwd(predict, func::argnum<2>), func::in_dims(func::none, func::none, 0))(w, b, xs);
+  for (int64_t i = 0; i < 64; i += 9) {
+    Tensor ref = fd_jacobian([&](const Tensor& t) { return predict(w, b, t); }, xs[i]);
+    expect_close(J[i], ref, 1e-8);
+    expect_close(Jf[i], ref, 1e-8);
+  }
+  // vmap(hessian) against a loop of hessians
+  auto scalar = [&](const Tensor& x) { return predict(w, b, x).sum(); };
+  Tensor H = func::vmap(func::hessian(scalar))(xs);
+  for (int64_t i = 0; i < 64; i += 13) expect_close(H[i], func::jacrev(func::jacrev(scalar))(xs[i]), 1e-10);
+  // jacfwd(jacrev) vs jacrev(jacrev)
+  expect_close(func::jacfwd(func::jacrev(scalar))(xs[0]), func::jacrev(func::jacrev(scalar))(xs[0]), 1e-10);
+}
+
+TEST_F(TF, JvpOfGradIsHessianVectorProduct) {
+  Tensor x = torch::randn({4}, torch::kDouble), v = torch::randn({4}, torch::kDouble);
+  auto f = [](const Tensor& t) { return (t.sin() * t.pow(2)).sum(); };
+  auto [g, hvp] = func::jvp(func::grad(f), std::tuple{x}, std::tuple{v});
+  Tensor H = func::hessian(f)(x);
+  expect_close(g, func::grad(f)(x), 1e-12);
+  expect_close(hvp, H.matmul(v), 1e-10);
+  // grad(jvp): d/dx <J(x) v, 1>
+  auto dir = [&](const Tensor& t) { return func::jvp(f, std::tuple{t}, std::tuple{v}).second; };
+  expect_close(func::grad(dir)(x), H.matmul(v), 1e-10);
+  // vjp of grad: Hessian-vector product the reverse way
+  auto [gg, vjp_fn] = func::vjp(func::grad(f), x);
+  expect_close(std::get<0>(vjp_fn(v)), H.matmul(v), 1e-10);
+}
+
+TEST_F(TF, VjpInsideVmapAndVmapOfVjpFn) {
+  Tensor xs = torch::randn({6, 3}, torch::kDouble), cts = torch::randn({6, 3}, torch::kDouble);
+  auto f = [](const Tensor& t) { return t.sin() * t.sum(); };
+  auto per = [&](const Tensor& x, const Tensor& ct) { return std::get<0>(func::vjp(f, x).second(ct)); };
+  Tensor r = func::vmap(per)(xs, cts);
+  for (int64_t i = 0; i < 6; ++i) {
+    Tensor xr = xs[i].clone().requires_grad_(true);
+    expect_close(r[i], torch::autograd::grad({f(xr)}, {xr}, {cts[i]})[0], 1e-12);
+  }
+  auto [out, vjp_fn] = func::vjp(f, xs[0]);
+  Tensor rows = func::vmap([&](const Tensor& ct) { return std::get<0>(vjp_fn(ct)); })(torch::eye(3, torch::kDouble));
+  expect_close(rows, fd_jacobian(f, xs[0]), 1e-8);  // rows of J
+}
+
+TEST_F(TF, ClosuresOverOuterLevels) {
+  // d/dy of sum_x f(x, y) where the inner grad is over x and y is captured.
+  Tensor y = torch::randn({3}, torch::kDouble), x = torch::randn({3}, torch::kDouble);
+  auto outer = [&](const Tensor& yy) {
+    Tensor gx = func::grad([&](const Tensor& xx) { return (xx.sin() * yy).sum(); })(x);  // cos(x) * y
+    return (gx * gx).sum();
+  };
+  expect_close(func::grad(outer)(y), 2 * x.cos().pow(2) * y, 1e-12);
+  // vmap over y with grad over x inside
+  Tensor ys = torch::randn({5, 3}, torch::kDouble);
+  Tensor r = func::vmap([&](const Tensor& yy) { return func::grad([&](const Tensor& xx) { return (xx * yy).sum(); })(x); })(ys);
+  expect_close(r, ys, 1e-12);
+}
+
+TEST_F(TF, ExceptionsInsideNestedTransformsLeaveNoLevels) {
+  Tensor xs = torch::randn({4, 3});
+  auto bad = [](const Tensor& x) -> Tensor {
+    if (x.dim() >= 0) throw std::runtime_error("inner failure");
+    return x;
+  };
+  EXPECT_THROW(func::vmap(func::grad([&](const Tensor& x) { return bad(x).sum(); }))(xs), std::runtime_error);
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+  EXPECT_THROW(func::jacfwd(func::jacrev([&](const Tensor& x) { return bad(x); }))(xs[0]), std::runtime_error);
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+  EXPECT_ERROR(func::vmap(func::grad([](const Tensor& x) { return x; }))(xs), "scalar");
+  EXPECT_THROW(func::jvp([&](const Tensor& x) { return func::vmap(bad)(x); }, std::tuple{xs}, std::tuple{xs}), std::runtime_error);
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+  EXPECT_ERROR(func::grad([](const Tensor& x) { return func::vmap([](const Tensor& r) { return r.sum(); }, 2)(x).sum(); })(xs), "Got in_dim=2");
+  expect_close(func::vmap(func::grad([](const Tensor& x) { return x.sum(); }))(xs), torch::ones({4, 3}));
+}
+
+TEST_F(TF, EscapedTensors) {
+  Tensor xs = torch::randn({4, 3});
+  Tensor escaped;
+  func::vmap([&](const Tensor& x) {
+    escaped = x;
+    return x * 2;
+  })(xs);
+  // A batched tensor used after its vmap has ended: an error, not a crash.
+  bool threw = false;
+  try {
+    Tensor y = escaped + 1;
+    (void)y.sum().item<float>();
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  EXPECT_TRUE(threw);
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+
+  // A grad-wrapped tensor used after its grad has ended behaves as its plain
+  // value (as in torch.func: a dead wrapper unwraps itself).
+  Tensor x = torch::randn({3});
+  Tensor leaked;
+  func::grad([&](const Tensor& t) {
+    leaked = t * 2;
+    return t.sum();
+  })(x);
+  expect_close(leaked + 1, x * 2 + 1);
+}
+
+TEST_F(TF, ConcurrentThreads) {
+  Tensor w = torch::randn({4, 3}, torch::kDouble);
+  Tensor xs = torch::randn({16, 3}, torch::kDouble);
+  auto loss = [](const Tensor& w, const Tensor& x) { return torch::mv(w, x).tanh().sum(); };
+  Tensor ref = func::vmap(func::grad(loss), func::in_dims(func::none, 0))(w, xs);
+  Tensor v = torch::randn({3}, torch::kDouble);
+  Tensor ref_jvp = func::jvp([&](const Tensor& x) { return loss(w, x); }, std::tuple{xs[0]}, std::tuple{v}).second;
+  std::vector<std::thread> threads;
+  std::vector<int> ok(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      bool good = true;
+      for (int rep = 0; rep < 20; ++rep) {
+        Tensor r = func::vmap(func::grad(loss), func::in_dims(func::none, 0))(w, xs);
+        good = good && (r - ref).abs().max().item<double>() < 1e-12;
+        Tensor j = func::jvp([&](const Tensor& x) { return loss(w, x); }, std::tuple{xs[0]}, std::tuple{v}).second;
+        good = good && (j - ref_jvp).abs().max().item<double>() < 1e-12;
+        good = good && func::detail::layer_depth() == 0;
+      }
+      ok[t] = good;
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT_TRUE(ok[t]) << "thread " << t;
+}
+
+}  // namespace

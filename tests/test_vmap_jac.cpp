@@ -1,0 +1,177 @@
+// Tests for vmap (against loops of single-sample calls) and jacrev / jacfwd /
+// hessian (against finite differences in double and analytic derivatives).
+#include "common.h"
+
+#include <map>
+
+namespace {
+
+Tensor predict(const Tensor& w, const Tensor& b, const Tensor& x) { return torch::tanh(torch::linear(x, w, b)); }
+
+// ---------------------------------------------------------------- vmap
+
+TEST_F(TF, VmapMatchesLoop) {
+  Tensor w = torch::randn({4, 3}), xs = torch::randn({6, 3});
+  auto f = [](const Tensor& w, const Tensor& x) { return torch::mv(w, x).relu(); };
+  Tensor ys = func::vmap(f, func::in_dims(func::none, 0))(w, xs);
+  ASSERT_EQ(ys.sizes(), (std::vector<int64_t>{6, 4}));
+  for (int64_t i = 0; i < 6; ++i) expect_close(ys[i], f(w, xs[i]));
+
+  // in_dim 1 and negative, out_dims 1
+  Tensor xt = xs.t().contiguous();  // [3, 6]
+  expect_close(func::vmap(f, func::in_dims(func::none, 1))(w, xt), ys);
+  expect_close(func::vmap(f, func::in_dims(func::none, -1))(w, xt), ys);
+  expect_close(func::vmap(f, func::in_dims(func::none, 0), 1)(w, xs), ys.t());
+  expect_close(func::vmap(f, func::in_dims(func::none, 0), func::out_dims(-1))(w, xs), ys.t());
+
+  // bare int broadcasts to every argument
+  Tensor ws = torch::randn({6, 4, 3});
+  Tensor y2 = func::vmap(f)(ws, xs);
+  for (int64_t i = 0; i < 6; ++i) expect_close(y2[i], f(ws[i], xs[i]));
+}
+
+TEST_F(TF, VmapNestedDimsTuplesAndDicts) {
+  Tensor a = torch::randn({5, 2}), b = torch::randn({2});
+  auto f = [](const std::map<std::string, Tensor>& p, const std::vector<Tensor>& v) {
+    return std::make_tuple(p.at("a") * p.at("b") + v[0], v[1].sum());
+  };
+  std::map<std::string, Tensor> p{{"a", a}, {"b", b}};
+  Tensor v0 = torch::randn({2, 5}), v1 = torch::randn({5, 3});
+  auto [r0, r1] = func::vmap(f,
+                             func::in_dims(func::Dims::dict({{"a", 0}, {"b", func::none}}), func::Dims{1, 0}),
+                             func::out_dims(1, 0))(p, std::vector<Tensor>{v0, v1});
+  ASSERT_EQ(r0.sizes(), (std::vector<int64_t>{2, 5}));
+  for (int64_t i = 0; i < 5; ++i) {
+    auto [e0, e1] = f({{"a", a[i]}, {"b", b}}, {v0.select(1, i), v1[i]});
+    expect_close(r0.select(1, i), e0);
+    expect_close(r1[i], e1);
+  }
+}
+
+TEST_F(TF, VmapNonTensorArgsAndUnbatchedOutputs) {
+  Tensor xs = torch::randn({4, 3});
+  Tensor c = torch::randn({3});
+  auto f = [&](const Tensor& x, double s) { return std::make_pair(x * s, c * 2); };
+  auto [y, k] = func::vmap(f, func::in_dims(0, func::none))(xs, 3.0);
+  expect_close(y, xs * 3);
+  ASSERT_EQ(k.sizes(), (std::vector<int64_t>{4, 3}));  // not batched: expanded
+  expect_close(k[2], c * 2);
+  // out_dims none for the unbatched output returns it as is
+  auto [y2, k2] = func::vmap(f, func::in_dims(0, func::none), func::out_dims(0, func::none))(xs, 3.0);
+  expect_close(k2, c * 2);
+}
+
+TEST_F(TF, VmapChunkSizeEqualsUnchunked) {
+  Tensor xs = torch::randn({10, 3});
+  auto f = [](const Tensor& x) { return std::make_tuple(x.sin(), x.sum()); };
+  auto [a, b] = func::vmap(f)(xs);
+  for (int64_t cs : {1, 3, 4, 10, 64}) {
+    auto [a2, b2] = func::vmap(f, 0, func::out_dims(1, 0), func::VmapOptions().chunk_size(cs))(xs);
+    expect_close(a2, a.t());
+    expect_close(b2, b);
+  }
+  EXPECT_ERROR(func::vmap(f, func::VmapOptions().chunk_size(0))(xs), "chunk_size must be a positive integer");
+}
+
+TEST_F(TF, VmapRandomness) {
+  Tensor xs = torch::zeros({4, 3});
+  auto f = [](const Tensor& x) { return x + torch::rand({3}); };
+  EXPECT_ERROR(func::vmap(f)(xs), "random");
+  Tensor same = func::vmap(f, func::VmapOptions().randomness(func::Randomness::Same))(xs);
+  for (int64_t i = 1; i < 4; ++i) expect_close(same[i], same[0], 0);
+  Tensor diff = func::vmap(f, func::VmapOptions().randomness(func::Randomness::Different))(xs);
+  EXPECT_GT((diff[1] - diff[0]).abs().max().item<double>(), 0);
+  // dropout inside vmap: in-place random on a batched tensor
+  EXPECT_ERROR(func::vmap([](const Tensor& x) { return torch::dropout(x, 0.5, true); })(xs), "random");
+}
+
+TEST_F(TF, VmapErrors) {
+  Tensor x = torch::randn({3, 2}), y = torch::randn({4, 2});
+  auto f = [](const Tensor& a, const Tensor& b) { return a + b; };
+  EXPECT_ERROR(func::vmap(f)(x, y), "Expected all tensors to have the same size in the mapped dimension");
+  EXPECT_ERROR(func::vmap(f)(x, y), "args[1] (in_dim=0): 4");
+  EXPECT_ERROR(func::vmap(f, func::in_dims(0, 2))(x, x), "Got in_dim=2 for args[1]");
+  EXPECT_ERROR(func::vmap(f, func::in_dims(0, 0, 0))(x, x), "it has 2 elements but the in_dims entry for it is (0, 0, 0)");
+  EXPECT_ERROR(func::vmap(f, func::in_dims(func::none, func::none))(x, x), "Expected at least one Tensor to vmap over");
+  EXPECT_ERROR(func::vmap([](const Tensor& a, int) { return a; })(x, 3), "which is not a Tensor");
+  EXPECT_ERROR(func::vmap([](const Tensor& a) { return a; }, 0, func::none)(x), "out_dim=none");
+  EXPECT_ERROR(func::vmap([](const Tensor& a) { return a; }, 0, 5)(x), "out_dim=5");
+  EXPECT_ERROR(func::vmap([](const std::vector<Tensor>& v) { return v[0]; }, func::in_dims(func::Dims{0}))(std::vector<Tensor>{x, x}),
+               "vmap(f, in_dims=((0,),), ...)(<inputs>)");
+  EXPECT_ERROR(func::vmap([](const Tensor& a) { return a; }, func::in_dims(func::Dims::dict({{"w", 0}})))(x),
+               "nested entry");
+}
+
+// ---------------------------------------------------------------- jacobians
+
+TEST_F(TF, JacrevJacfwdMatchFiniteDifferences) {
+  Tensor w = torch::randn({4, 3}, torch::kDouble), b = torch::randn({4}, torch::kDouble),
+         x = torch::randn({3}, torch::kDouble);
+  Tensor ref = fd_jacobian([&](const Tensor& t) { return predict(w, b, t); }, x);
+  Tensor jr = func::jacrev(predict, func::argnum<2>)(w, b, x);
+  Tensor jf = func::jacfwd(predict, func::argnum<2>)(w, b, x);
+  ASSERT_EQ(jr.sizes(), (std::vector<int64_t>{4, 3}));
+  expect_close(jr, ref, 1e-8);
+  expect_close(jf, ref, 1e-8);
+  for (int64_t cs : {1, 2, 3, 100}) expect_close(func::jacrev(predict, func::argnum<2>, func::JacrevOptions().chunk_size(cs))(w, b, x), ref, 1e-8);
+
+  // Several argnums: tuple of blocks shaped out.shape + in.shape.
+  auto [jw, jb] = func::jacrev(predict, func::argnums<0, 1>)(w, b, x);
+  ASSERT_EQ(jw.sizes(), (std::vector<int64_t>{4, 4, 3}));
+  Tensor refw = fd_jacobian([&](const Tensor& t) { return predict(t, b, x); }, w);
+  expect_close(jw, refw, 1e-8);
+  expect_close(jb, fd_jacobian([&](const Tensor& t) { return predict(w, t, x); }, b), 1e-8);
+  auto [fw, fb] = func::jacfwd(predict, func::argnums<0, 1>)(w, b, x);
+  expect_close(fw, refw, 1e-8);
+  expect_close(fb, jb, 1e-10);
+  EXPECT_ERROR(func::jacrev(predict, func::JacrevOptions().chunk_size(0)), "chunk_size");
+}
+
+TEST_F(TF, JacobianOfSeveralOutputsAndAux) {
+  Tensor x = torch::randn({3}, torch::kDouble);
+  auto f = [](const Tensor& t) { return std::make_pair(std::make_tuple(t.sin(), t.sum() * t.sum()), t.cos()); };
+  auto [jr, aux] = func::jacrev(f, func::has_aux)(x);
+  expect_close(std::get<0>(jr), torch::diag(x.cos()), 1e-12);
+  ASSERT_EQ(std::get<1>(jr).sizes(), (std::vector<int64_t>{3}));
+  expect_close(std::get<1>(jr), 2 * x.sum() * torch::ones({3}, torch::kDouble), 1e-12);
+  expect_close(aux, x.cos(), 1e-12);
+  auto [jf, auxf] = func::jacfwd(f, func::has_aux)(x);
+  expect_close(std::get<0>(jf), std::get<0>(jr), 1e-12);
+  expect_close(std::get<1>(jf), std::get<1>(jr), 1e-12);
+  expect_close(auxf, x.cos(), 1e-12);
+
+  // dict input: result per output is a dict of blocks
+  std::map<std::string, Tensor> p{{"a", torch::randn({2}, torch::kDouble)}, {"b", torch::randn({}, torch::kDouble)}};
+  auto jd = func::jacrev([](const std::map<std::string, Tensor>& p) { return p.at("a") * p.at("b"); })(p);
+  expect_close(jd.at("a"), torch::eye(2, torch::kDouble) * p.at("b"), 1e-12);
+  expect_close(jd.at("b"), p.at("a"), 1e-12);
+}
+
+TEST_F(TF, HessianMatchesAnalyticAndBothCompositions) {
+  Tensor x = torch::randn({4}, torch::kDouble);
+  auto f = [](const Tensor& t) { return t.pow(3).sum() + t.prod(); };
+  Tensor H = func::hessian(f)(x);
+  // analytic: diag(6x) + d2 prod
+  Tensor ref = torch::diag(6 * x);
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j)
+      if (i != j) {
+        double p = 1;
+        for (int k = 0; k < 4; ++k)
+          if (k != i && k != j) p *= x[k].item<double>();
+        ref[i][j] = p;
+      }
+  expect_close(H, ref, 1e-10);
+  expect_close(func::jacrev(func::jacrev(f))(x), ref, 1e-10);
+  expect_close(func::jacfwd(func::jacfwd(f))(x), ref, 1e-10);
+  expect_close(func::jacrev(func::jacfwd(f))(x), ref, 1e-10);
+
+  // hessian of predict wrt x: [Dout, Din, Din], against FD of jacrev
+  Tensor w = torch::randn({5, 4}, torch::kDouble), b = torch::randn({5}, torch::kDouble);
+  Tensor Hp = func::hessian(predict, func::argnum<2>)(w, b, x);
+  ASSERT_EQ(Hp.sizes(), (std::vector<int64_t>{5, 4, 4}));
+  Tensor fdH = fd_jacobian([&](const Tensor& t) { return func::jacrev(predict, func::argnum<2>)(w, b, t); }, x);
+  expect_close(Hp, fdH, 1e-7);
+}
+
+}  // namespace
