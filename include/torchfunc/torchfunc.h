@@ -13,3 +13,4 @@
 #include <torchfunc/jvp.h>
 #include <torchfunc/vmap.h>
 #include <torchfunc/jacobian.h>
+#include <torchfunc/functional_call.h>

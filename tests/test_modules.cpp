@@ -1,0 +1,343 @@
+// Tests for functional_call, stack_module_state, set_grads and
+// replace_all_batch_norm_modules_, against forward passes of modules whose
+// tensors are swapped by hand and loops of ordinary backward passes.
+#include "common.h"
+
+namespace nn = torch::nn;
+using func::TensorDict;
+
+namespace {
+
+// ---- helpers ---------------------------------------------------------------
+
+struct Snapshot {
+  std::vector<std::pair<std::string, Tensor>> values;  // clones
+  std::vector<c10::TensorImpl*> impls;
+};
+Snapshot snapshot(nn::Module& m) {
+  Snapshot s;
+  for (const auto& p : m.named_parameters()) {
+    s.values.emplace_back(p.key(), p.value().detach().clone());
+    s.impls.push_back(p.value().unsafeGetTensorImpl());
+  }
+  for (const auto& b : m.named_buffers()) {
+    s.values.emplace_back(b.key(), b.value().detach().clone());
+    s.impls.push_back(b.value().unsafeGetTensorImpl());
+  }
+  return s;
+}
+void expect_unchanged(nn::Module& m, const Snapshot& s) {
+  Snapshot now = snapshot(m);
+  ASSERT_EQ(now.values.size(), s.values.size());
+  for (size_t i = 0; i < s.values.size(); ++i) {
+    EXPECT_EQ(now.impls[i], s.impls[i]) << s.values[i].first;
+    EXPECT_TRUE(now.values[i].second.equal(s.values[i].second)) << s.values[i].first;
+  }
+}
+
+/// New values for every parameter and buffer (positive variances).
+TensorDict fresh_state(nn::Module& m) {
+  TensorDict d;
+  for (const auto& p : m.named_parameters()) d.insert(p.key(), torch::randn_like(p.value()));
+  for (const auto& b : m.named_buffers()) {
+    Tensor v = b.value().is_floating_point() ? torch::rand_like(b.value()) + 0.5 : b.value().clone();
+    d.insert(b.key(), v);
+  }
+  return d;
+}
+
+/// The reference: a clone of the module with the new values copied in by hand.
+template <class Impl>
+std::shared_ptr<Impl> swapped_clone(const std::shared_ptr<Impl>& m, const TensorDict& values) {
+  auto c = std::dynamic_pointer_cast<Impl>(m->clone());
+  torch::NoGradGuard ng;
+  for (auto& p : c->named_parameters()) p.value().copy_(values[p.key()]);
+  for (auto& b : c->named_buffers()) b.value().copy_(values[b.key()]);
+  return c;
+}
+
+template <class Holder, class... X>
+void check_module(Holder m, const X&... x) {
+  SCOPED_TRACE(m->name());
+  auto own = func::tree_flatten(m->forward(x...));  // (may update running stats)
+  Snapshot before = snapshot(*m);
+  TensorDict values = fresh_state(*m);
+  auto ref = swapped_clone(m.ptr(), values)->forward(x...);
+  auto out = func::functional_call(m, values, x...);
+  auto lo = func::tree_flatten(out), lr = func::tree_flatten(ref);
+  ASSERT_EQ(lo.size(), lr.size());
+  for (size_t i = 0; i < lo.size(); ++i) expect_close(lo[i], lr[i], 1e-10);
+  // and the module's own forward is not what we computed
+  EXPECT_GT((own[0] - lo[0]).abs().max().template item<double>(), 1e-6);
+  expect_unchanged(*m, before);
+}
+
+// ---- every built-in module ----------------------------------------------------
+
+TEST_F(TF, FunctionalCallOnBuiltinModules) {
+  torch::set_default_dtype(caffe2::TypeMeta::Make<double>());
+  check_module(nn::Linear(4, 3), torch::randn({2, 4}));
+  check_module(nn::Bilinear(3, 4, 2), torch::randn({5, 3}), torch::randn({5, 4}));
+  check_module(nn::Conv1d(2, 3, 3), torch::randn({1, 2, 8}));
+  check_module(nn::Conv2d(2, 3, 3), torch::randn({1, 2, 6, 6}));
+  check_module(nn::Conv3d(2, 3, 2), torch::randn({1, 2, 4, 4, 4}));
+  check_module(nn::ConvTranspose1d(2, 3, 3), torch::randn({1, 2, 5}));
+  check_module(nn::ConvTranspose2d(2, 3, 3), torch::randn({1, 2, 4, 4}));
+  check_module(nn::ConvTranspose3d(2, 3, 2), torch::randn({1, 2, 3, 3, 3}));
+  nn::BatchNorm1d bn(3);
+  bn->eval();  // uses the substituted running stats
+  check_module(bn, torch::randn({4, 3}));
+  check_module(nn::BatchNorm2d(3), torch::randn({2, 3, 4, 4}));
+  nn::BatchNorm3d bn3(2);
+  bn3->eval();
+  check_module(bn3, torch::randn({2, 2, 3, 3, 3}));
+  check_module(nn::InstanceNorm1d(nn::InstanceNorm1dOptions(3).affine(true)), torch::randn({2, 3, 5}));
+  check_module(nn::InstanceNorm2d(nn::InstanceNorm2dOptions(3).affine(true)), torch::randn({2, 3, 4, 4}));
+  check_module(nn::LayerNorm(nn::LayerNormOptions({4})), torch::randn({3, 4}));
+  check_module(nn::GroupNorm(2, 4), torch::randn({3, 4, 5}));
+  check_module(nn::Embedding(10, 3), torch::tensor({1, 4, 7}));
+  check_module(nn::EmbeddingBag(10, 3), torch::tensor({{1, 4}, {2, 7}}));
+  check_module(nn::PReLU(), torch::randn({3, 4}));
+  check_module(nn::RNN(nn::RNNOptions(3, 4).num_layers(2)), torch::randn({5, 2, 3}));
+  check_module(nn::LSTM(nn::LSTMOptions(3, 4).bidirectional(true)), torch::randn({5, 2, 3}));
+  check_module(nn::GRU(3, 4), torch::randn({5, 2, 3}));
+  check_module(nn::RNNCell(3, 4), torch::randn({2, 3}));
+  check_module(nn::LSTMCell(3, 4), torch::randn({2, 3}));
+  check_module(nn::GRUCell(3, 4), torch::randn({2, 3}));
+  Tensor q = torch::randn({5, 2, 8});
+  check_module(nn::MultiheadAttention(8, 2), q, q, q);
+  check_module(nn::MultiheadAttention(nn::MultiheadAttentionOptions(8, 2).kdim(6).vdim(6).add_bias_kv(true)), q,
+               torch::randn({5, 2, 6}), torch::randn({5, 2, 6}));
+  check_module(nn::TransformerEncoderLayer(nn::TransformerEncoderLayerOptions(8, 2).dim_feedforward(16).dropout(0)),
+               q);
+  check_module(nn::TransformerDecoderLayer(nn::TransformerDecoderLayerOptions(8, 2).dim_feedforward(16).dropout(0)),
+               q, torch::randn({3, 2, 8}));
+  check_module(nn::Sequential(nn::Linear(4, 5), nn::ReLU(), nn::Linear(5, 2)), torch::randn({3, 4}));
+  torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
+}
+
+// ---- user modules -----------------------------------------------------------
+
+struct Unregistered : nn::Module {
+  Unregistered() { w = register_parameter("w", torch::randn({3})); }
+  Tensor forward(const Tensor& x) { return x * w; }
+  Tensor w;
+};
+
+struct Scaled : nn::Module {
+  Scaled() {
+    w = register_parameter("w", torch::randn({3}));
+    tied = register_parameter("w_tied", w);  // one tensor, two names
+    lin = register_module("lin", nn::Linear(3, 3));
+    list = register_module("list", nn::ModuleList(nn::Linear(3, 3)));
+    dict = register_module("dict", nn::ModuleDict(torch::OrderedDict<std::string, std::shared_ptr<Module>>{
+                                          {"a", nn::Linear(3, 3).ptr()}}));
+    func::register_module_members<Scaled>(&Scaled::w, &Scaled::tied);
+  }
+  Tensor forward(const Tensor& x) {
+    Tensor h = lin(x * w) + tied;
+    h = list[0]->as<nn::Linear>()->forward(h);
+    return dict["a"]->as<nn::Linear>()->forward(h);
+  }
+  Tensor w, tied;
+  nn::Linear lin{nullptr};
+  nn::ModuleList list{nullptr};
+  nn::ModuleDict dict{nullptr};
+};
+
+TEST_F(TF, FunctionalCallUserModulesTiesAndStrict) {
+  auto m = std::make_shared<Scaled>();
+  Snapshot before = snapshot(*m);
+  TensorDict values = fresh_state(*m);
+  values["w_tied"] = values["w"];
+  Tensor x = torch::randn({2, 3});
+  Tensor out = func::functional_call(m, values, x);
+  auto c = std::make_shared<Scaled>();
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : c->named_parameters()) p.value().copy_(values[p.key()]);
+  }
+  expect_close(out, c->forward(x), 1e-6);
+  expect_unchanged(*m, before);
+
+  // tie_weights: a value for "w" alone also replaces "w_tied"
+  TensorDict only_w;
+  only_w.insert("w", torch::zeros({3}));
+  Tensor o2 = func::functional_call(m, only_w, x);
+  Tensor o2_ref = m->dict["a"]->as<nn::Linear>()->forward(m->list[0]->as<nn::Linear>()->forward(m->lin(x * 0)));
+  expect_close(o2, o2_ref, 1e-6);
+  // With tie_weights(false) the two names cannot be separated: both are the
+  // same C++ tensor in this module's members. An error, not a silent tie.
+  EXPECT_ERROR(func::functional_call(m, only_w, x, func::FunctionalCallOptions().tie_weights(false)),
+               "cannot take different values");
+  TensorDict both;
+  both.insert("w", torch::zeros({3}));
+  both.insert("w_tied", torch::ones({3}));
+  EXPECT_ERROR(func::functional_call(m, both, x), "which are tied");
+
+  // strict lists what is missing; unknown keys are always errors
+  EXPECT_ERROR(func::functional_call(m, only_w, x, func::FunctionalCallOptions().strict(true)), "Missing key(s): 'w_tied'");
+  TensorDict typo;
+  typo.insert("lin.wieght", torch::zeros({3, 3}));
+  EXPECT_ERROR(func::functional_call(m, typo, x), "Unexpected key(s): 'lin.wieght'");
+  // the same key in two dicts
+  EXPECT_ERROR(func::functional_call(m, std::make_tuple(only_w, only_w), x), "got multiple values for keys ['w']");
+  // two dicts, params and buffers-like split
+  TensorDict lin_only;
+  lin_only.insert("lin.weight", torch::zeros({3, 3}));
+  Tensor o4 = func::functional_call(m, std::make_pair(only_w, lin_only), x);
+  EXPECT_EQ(o4.sizes(), (std::vector<int64_t>{2, 3}));
+  expect_unchanged(*m, before);
+
+  // a user module whose member torchfunc cannot see: an error naming it
+  auto u = std::make_shared<Unregistered>();
+  TensorDict uw;
+  uw.insert("w", torch::zeros({3}));
+  EXPECT_ERROR(func::functional_call(u, uw, x), "cannot substitute parameter 'w'");
+  func::register_module_members<Unregistered>(&Unregistered::w);
+  expect_close(func::functional_call(u, uw, x), torch::zeros({2, 3}));
+  // a reassigned member (dict and member disagree) is detected, not used stale
+  u->w = torch::ones({3});
+  EXPECT_ERROR(func::functional_call(u, uw, x), "no longer holds the registered tensor");
+}
+
+TEST_F(TF, FunctionalCallRestoresAfterException) {
+  nn::Sequential m(nn::Linear(4, 3), nn::Linear(3, 2));
+  Snapshot before = snapshot(*m);
+  TensorDict values = fresh_state(*m);
+  EXPECT_ANY_THROW(func::functional_call(m, values, torch::randn({2, 5})));  // bad input shape
+  expect_unchanged(*m, before);
+  EXPECT_ANY_THROW(func::vmap([&](const Tensor& x) { return func::functional_call(m, values, x); })(torch::randn({2, 5})));
+  expect_unchanged(*m, before);
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+}
+
+// ---- per-sample gradients ---------------------------------------------------
+
+struct CNN : nn::Module {
+  CNN() {
+    conv1 = register_module("conv1", nn::Conv2d(1, 8, 3));
+    conv2 = register_module("conv2", nn::Conv2d(8, 16, 3));
+    fc1 = register_module("fc1", nn::Linear(16 * 5 * 5, 32));
+    fc2 = register_module("fc2", nn::Linear(32, 10));
+  }
+  Tensor forward(Tensor x) {
+    x = torch::relu(conv1(x));
+    x = torch::relu(conv2(x));
+    x = torch::max_pool2d(x, 2);
+    x = torch::flatten(x, 1);
+    return fc2(torch::relu(fc1(x)));
+  }
+  nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+
+template <class M>
+void check_per_sample(const std::shared_ptr<M>& model, const Tensor& xs, const Tensor& ys,
+                      const std::function<Tensor(const Tensor&, const Tensor&)>& loss_of_output) {
+  TensorDict params = func::named_parameters(model);
+  auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) {
+    return loss_of_output(func::functional_call(model, p, x.unsqueeze(0)), y.unsqueeze(0));
+  };
+  TensorDict g = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0))(params, xs, ys);
+  for (int64_t i = 0; i < xs.size(0); ++i) {
+    model->zero_grad();
+    loss_of_output(model->forward(xs[i].unsqueeze(0)), ys[i].unsqueeze(0)).backward();
+    for (const auto& p : model->named_parameters()) expect_close(g[p.key()][i], p.value().grad(), 1e-10);
+  }
+}
+
+TEST_F(TF, PerSampleGradientsOfCnnAndLstm) {
+  torch::set_default_dtype(caffe2::TypeMeta::Make<double>());  // no pooling near-ties in double
+  auto cnn = std::make_shared<CNN>();
+  auto nll = [](const Tensor& out, const Tensor& y) { return torch::nll_loss(torch::log_softmax(out, 1), y); };
+  check_per_sample(cnn, torch::randn({6, 1, 14, 14}), torch::randint(0, 10, {6}), nll);
+
+  // NOTE: nn::LSTM / nn::GRU do not run under vmap on libtorch 1.13 (no
+  // batching rule for aten::unsafe_split); the recurrent model here is nn::RNN.
+  struct Seq : nn::Module {
+    Seq() {
+      lstm = register_module("rnn", nn::RNN(nn::RNNOptions(3, 5).batch_first(true)));
+      head = register_module("head", nn::Linear(5, 4));
+    }
+    Tensor forward(const Tensor& x) {
+      // libtorch's LSTM cell adds in place into a state derived from h0, so
+      // under vmap h0/c0 must be batched like x: derive them from x.
+      Tensor h0 = torch::zeros({1, x.size(0), 5}, x.options()) + x.sum() * 0;
+      auto out = std::get<0>(lstm(x, h0));
+      return head(out.select(1, -1));
+    }
+    nn::RNN lstm{nullptr};
+    nn::Linear head{nullptr};
+  };
+  check_per_sample(std::make_shared<Seq>(), torch::randn({5, 7, 3}), torch::randint(0, 4, {5}), nll);
+  torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
+}
+
+// ---- ensembles ---------------------------------------------------------------
+
+TEST_F(TF, EnsembleOfMlpsMatchesLoop) {
+  std::vector<nn::Sequential> models;
+  for (int i = 0; i < 10; ++i) models.emplace_back(nn::Linear(12, 16), nn::ReLU(), nn::Linear(16, 4));
+  auto [params, buffers] = func::stack_module_state(models);
+  ASSERT_EQ(params["0.weight"].sizes(), (std::vector<int64_t>{10, 16, 12}));
+  EXPECT_TRUE(params["0.weight"].requires_grad());
+  auto base = models[0];
+  auto fmodel = [&](const TensorDict& p, const TensorDict& b, const Tensor& x) {
+    return func::functional_call(base, std::make_tuple(p, b), x);
+  };
+  Tensor shared = torch::randn({8, 12});
+  Tensor out = func::vmap(fmodel, func::in_dims(0, 0, func::none))(params, buffers, shared);
+  Tensor per = torch::randn({10, 8, 12});
+  Tensor out2 = func::vmap(fmodel)(params, buffers, per);
+  for (int i = 0; i < 10; ++i) {
+    expect_close(out[i], models[i]->forward(shared), 1e-5);
+    expect_close(out2[i], models[i]->forward(per[i]), 1e-5);
+  }
+  EXPECT_ERROR(func::stack_module_state(std::vector<nn::Sequential>{}), "Expected at least one model, got 0");
+  std::vector<nn::Sequential> odd{nn::Sequential(nn::Linear(2, 2)), nn::Sequential(nn::Linear(2, 2), nn::Linear(2, 2))};
+  EXPECT_ERROR(func::stack_module_state(odd), "Expected all models to have the same parameters");
+  std::vector<std::shared_ptr<nn::LinearImpl>> shapes{std::make_shared<nn::LinearImpl>(2, 2),
+                                                      std::make_shared<nn::LinearImpl>(2, 3)};
+  EXPECT_ERROR(func::stack_module_state(shapes), "has shape");
+}
+
+// ---- training-loop helpers ----------------------------------------------------
+
+TEST_F(TF, SgdStepFromFunctionalGradientsEqualsBackward) {
+  nn::Sequential a(nn::Linear(5, 8), nn::Tanh(), nn::Linear(8, 1));
+  auto b = std::dynamic_pointer_cast<nn::SequentialImpl>(a->clone());
+  Tensor x = torch::randn({16, 5}), y = torch::randn({16, 1});
+  torch::optim::SGD opt_a(a->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  torch::optim::SGD opt_b(b->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (int step = 0; step < 3; ++step) {
+    auto loss = [&](const TensorDict& p) { return torch::mse_loss(func::functional_call(a, p, x), y); };
+    TensorDict g = func::grad(loss)(func::named_parameters(a));
+    opt_a.zero_grad();
+    func::set_grads(a, g);
+    opt_a.step();
+    opt_b.zero_grad();
+    torch::mse_loss(b->forward(x), y).backward();
+    opt_b.step();
+  }
+  auto pa = a->named_parameters(), pb = b->named_parameters();
+  for (const auto& p : pa) expect_close(p.value(), pb[p.key()], 1e-6);
+  TensorDict bad;
+  bad.insert("nope", torch::zeros({1}));
+  EXPECT_ERROR(func::set_grads(a, bad), "has no parameter 'nope'");
+}
+
+TEST_F(TF, ReplaceAllBatchNormModulesForVmap) {
+  nn::Sequential m(nn::Linear(4, 6), nn::BatchNorm1d(6), nn::ReLU());
+  Tensor xs = torch::randn({3, 5, 4});  // 3 independent minibatches
+  TensorDict params = func::named_parameters(m);
+  auto f = [&](const Tensor& x) { return func::functional_call(m, params, x); };
+  EXPECT_ANY_THROW(func::vmap(f)(xs));  // in-place running-stat update under vmap
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+  func::replace_all_batch_norm_modules_(m);
+  EXPECT_FALSE(m->named_buffers().contains("1.running_mean"));
+  Tensor out = func::vmap(f)(xs);
+  for (int i = 0; i < 3; ++i) expect_close(out[i], m->forward(xs[i]), 1e-5);
+}
+
+}  // namespace
