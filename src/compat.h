@@ -65,9 +65,6 @@ inline ft::TensorWrapper* wrapper_of(const at::Tensor& t) { return ft::maybeGetT
 inline at::Tensor unwrap_grad(const at::Tensor& t, int64_t level) {
   auto* w = ft::maybeGetTensorWrapper(t);
   if (!w) return t;
-#if TORCH_VERSION_MAJOR >= 2
-  // 2.x: level() is only meaningful while the level is alive; compare raw.
-#endif
   auto lvl = w->level();
   if (lvl.has_value() && *lvl == level) return w->value();
   if (!lvl.has_value()) return ft::unwrapIfDead(t);
