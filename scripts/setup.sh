@@ -5,7 +5,10 @@
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-PKGS="build-essential cmake ccache libtorch-dev libgtest-dev googletest libopenblas0-openmp"
+# zlib, libgd, CLI11, nlohmann-json and the Fashion-MNIST dataset serve the
+# DP-SGD demo and the tutorial programs.
+PKGS="build-essential cmake ccache libtorch-dev libgtest-dev googletest libopenblas0-openmp
+      zlib1g-dev libgd-dev libcli11-dev nlohmann-json3-dev dataset-fashion-mnist"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -129,7 +129,13 @@ RdpAccountant::RdpAccountant(std::vector<double> orders) : orders_(std::move(ord
 
 void RdpAccountant::step(double q, double sigma, int64_t n) {
   if (n < 0) throw std::invalid_argument("rdp accountant: negative step count");
-  for (size_t i = 0; i < orders_.size(); ++i) rdp_[i] += n * rdp_subsampled_gaussian(q, sigma, orders_[i]);
+  // Training repeats one (q, sigma): compute its curve once.
+  if (cached_.empty() || q != cached_q_ || sigma != cached_sigma_) {
+    cached_.resize(orders_.size());
+    for (size_t i = 0; i < orders_.size(); ++i) cached_[i] = rdp_subsampled_gaussian(q, sigma, orders_[i]);
+    cached_q_ = q, cached_sigma_ = sigma;
+  }
+  for (size_t i = 0; i < orders_.size(); ++i) rdp_[i] += n * cached_[i];
   steps_ += n;
 }
 

@@ -54,6 +54,8 @@ class RdpAccountant {
   std::vector<double> orders_;
   std::vector<double> rdp_;  // total RDP per order
   int64_t steps_ = 0;
+  std::vector<double> cached_;  // per-step RDP curve of the last (q, sigma)
+  double cached_q_ = -1, cached_sigma_ = -1;
 };
 
 // Smallest noise multiplier (to 1e-3 relative) for which `steps` steps at rate q
