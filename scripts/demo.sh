@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh
-./build/examples/whirlwind_tour
+./build/apps/dpsgd/torchfunc-dpsgd "$@"

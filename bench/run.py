@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Runs every WORKLOADS.md case on both sides -- torchfunc (C++, build/bench/
+torchfunc_bench) and Python's torch.func / functorch (bench/workloads.py) --
+each case in a fresh process, with the same thread count and BLAS, and prints
+a table of medians, ratios and speed-ups over the plain baselines. Writes
+bench-out/results.json and bench-out/ratios.png.
+
+  python3 bench/run.py                      # threads 1 and 2, default malloc and THP
+  python3 bench/run.py --threads 1 --malloc default --cases W9
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPP = os.path.join(ROOT, "build", "bench", "torchfunc_bench")
+PY = [sys.executable, os.path.join(ROOT, "bench", "workloads.py")]
+# The plain baseline of each workload (a loop of autograd calls or of models).
+BASELINE = {"W1": "W1/loop", "W2": "W2/loop", "W3": "W3/loop", "W4": "W4/rows", "W5": "W5/loop",
+            "W6": "W6/rows", "W8": "W8/loop", "W9": "W9/autograd_sin"}
+HEAVY = {"W1", "W2", "W7"}  # seconds per call: fewer repetitions
+
+
+def blas():
+    for link in ("/etc/alternatives/libblas.so.3-x86_64-linux-gnu", "/etc/alternatives/libblas.so.3"):
+        if os.path.exists(link):
+            return os.path.realpath(link)
+    return "unknown"
+
+
+def peak_rss_run(cmd, env):
+    # os.wait4 gives the child's own rusage (ru_maxrss in KiB on Linux).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    rec = json.loads(out.strip().splitlines()[-1])
+    rec["peak_rss_mib"] = usage.ru_maxrss / 1024.0
+    return rec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--malloc", default="default,thp", help="default and/or thp (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
+    ap.add_argument("--cases", default="", help="comma-separated prefixes, e.g. W1,W9/grad_sin")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
+    a = ap.parse_args()
+    if not os.path.exists(CPP):
+        sys.exit(f"run.py: {CPP} not built (bash scripts/build.sh)")
+    names = subprocess.run([CPP, "--list"], capture_output=True, text=True, check=True).stdout.split("\n")
+    names = [n.split()[0] for n in names if n.strip()]
+    if a.cases:
+        names = [n for n in names if any(n.startswith(p) for p in a.cases.split(","))]
+    import torch  # only for the version line
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores; BLAS: {blas()}")
+    print(f"Python side: torch {torch.__version__}; C++ side: torchfunc on libtorch (see 'torch' in results)")
+    results = []
+    for malloc in a.malloc.split(","):
+        env = dict(os.environ)
+        env.pop("GLIBC_TUNABLES", None)
+        if malloc == "thp":
+            env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+        for threads in [int(t) for t in a.threads.split(",")]:
+            env["OMP_NUM_THREADS"] = str(threads)
+            print(f"\n== {threads} thread(s), malloc: {malloc} ==")
+            print(f"{'case':<18} {'torchfunc':>12} {'python':>12} {'ratio':>7} {'baseline':>12} {'speed-up':>9}  "
+                  f"{'RSS tf/py MiB':>14}")
+            rows = {}
+            for n in names:
+                reps = max(3, a.reps // 6) if n.split("/")[0] in HEAVY else a.reps
+                common = ["--case", n, "--threads", str(threads), "--reps", str(reps), "--min-time", str(a.min_time)]
+                tf = peak_rss_run([CPP] + common, env)
+                py = peak_rss_run(PY + common, env)
+                rows[n] = (tf, py)
+            for n in names:
+                tf, py = rows[n]
+                w = n.split("/")[0]
+                base = BASELINE.get(w)
+                is_base = base == n
+                base_us = rows[base][0]["median_us"] if base in rows and not is_base else None
+                rec = {"case": n, "threads": threads, "malloc": malloc, "torchfunc_us": tf["median_us"],
+                       "python_us": py["median_us"], "ratio": tf["median_us"] / py["median_us"],
+                       "baseline_us": base_us, "speedup_over_baseline": base_us / tf["median_us"] if base_us else None,
+                       "torchfunc_rss_mib": tf["peak_rss_mib"], "python_rss_mib": py["peak_rss_mib"],
+                       "libtorch": tf.get("torch"), "python_torch": py.get("torch"), "python_api": py.get("api")}
+                results.append(rec)
+                def fmt(us):
+                    return f"{us / 1000:10.3f}ms" if us >= 1000 else f"{us:10.1f}us"
+                speedup = f"{rec['speedup_over_baseline']:8.2f}x" if base_us else ""
+                print(f"{n:<18} {fmt(tf['median_us']):>12} {fmt(py['median_us']):>12} {rec['ratio']:7.2f} "
+                      f"{fmt(base_us) if base_us else '':>12} {speedup:>9}  "
+                      f"{tf['peak_rss_mib']:6.0f}/{py['peak_rss_mib']:<6.0f}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    meta = {"blas": blas(), "cores": os.cpu_count(), "python_torch": torch.__version__}
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        groups = sorted({(r["threads"], r["malloc"]) for r in results})
+        cases = list(dict.fromkeys(r["case"] for r in results))
+        fig, ax = plt.subplots(figsize=(max(8, len(cases) * 0.55), 4.5))
+        width = 0.8 / len(groups)
+        for gi, (t, m) in enumerate(groups):
+            vals = [next((r["ratio"] for r in results if r["case"] == c and r["threads"] == t and r["malloc"] == m),
+                         float("nan")) for c in cases]
+            ax.bar([i + gi * width for i in range(len(cases))], vals, width, label=f"{t} thread(s), malloc {m}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("torchfunc / Python median (lower is better)")
+        ax.set_title("torchfunc vs Python " + (results[0]["python_api"] if results else ""))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(a.out, "ratios.png"), dpi=110)
+        print(f"\nwrote {a.out}/results.json and {a.out}/ratios.png")
+    except ImportError:
+        print(f"\nwrote {a.out}/results.json (install python3-matplotlib for the chart)")
+
+
+if __name__ == "__main__":
+    main()

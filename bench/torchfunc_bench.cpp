@@ -1,0 +1,364 @@
+// torchfunc_bench: the workloads of ../shared/WORKLOADS.md (W1-W9) and their
+// plain baselines, one case per process run (allocation history changes
+// timings). bench/workloads.py is the same on Python's torch.func / functorch;
+// bench/run.py runs both side by side.
+//
+//   torchfunc_bench --list
+//   torchfunc_bench --case W2/vmap --threads 1 --reps 50
+//   torchfunc_bench --all --reps 1          (smoke run: every case once)
+// Prints one JSON object per case: {"case", "median_us", "reps", ...}.
+#include <torch/torch.h>
+#include <torchfunc/torchfunc.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <thread>
+
+namespace func = torchfunc;
+namespace nn = torch::nn;
+namespace F = torch::nn::functional;
+using torch::Tensor;
+using func::TensorDict;
+
+namespace {
+
+using Call = std::function<void()>;
+struct Case {
+  std::string name, what;
+  std::function<Call()> setup;  // builds inputs, returns the timed call
+};
+
+// ---- models ---------------------------------------------------------------------
+
+struct CnnImpl : nn::Module {  // W1
+  CnnImpl()
+      : conv1(register_module("conv1", nn::Conv2d(nn::Conv2dOptions(1, 32, 3)))),
+        conv2(register_module("conv2", nn::Conv2d(nn::Conv2dOptions(32, 64, 3)))),
+        fc1(register_module("fc1", nn::Linear(9216, 128))),
+        fc2(register_module("fc2", nn::Linear(128, 10))) {}
+  Tensor forward(Tensor x) {
+    x = torch::relu(conv2(torch::relu(conv1(x))));
+    x = torch::max_pool2d(x, 2).flatten(1);
+    return fc2(torch::relu(fc1(x)));
+  }
+  nn::Conv2d conv1, conv2;
+  nn::Linear fc1, fc2;
+};
+TORCH_MODULE(Cnn);
+
+nn::Sequential mlp(int64_t in, int64_t hidden, int64_t out) {
+  return nn::Sequential(nn::Linear(in, hidden), nn::ReLU(), nn::Linear(hidden, hidden), nn::ReLU(),
+                        nn::Linear(hidden, out));
+}
+
+struct NtkCnnImpl : nn::Module {  // W7
+  NtkCnnImpl()
+      : conv1(register_module("conv1", nn::Conv2d(nn::Conv2dOptions(3, 32, 3)))),
+        conv2(register_module("conv2", nn::Conv2d(nn::Conv2dOptions(32, 32, 3)))),
+        conv3(register_module("conv3", nn::Conv2d(nn::Conv2dOptions(32, 32, 3)))),
+        fc(register_module("fc", nn::Linear(32 * 26 * 26, 10))) {}
+  Tensor forward(Tensor x) { return fc(conv3(torch::relu(conv2(torch::relu(conv1(x))))).flatten(1)); }
+  nn::Conv2d conv1, conv2, conv3;
+  nn::Linear fc;
+};
+TORCH_MODULE(NtkCnn);
+
+Tensor predict(const Tensor& W, const Tensor& b, const Tensor& x) { return torch::tanh(F::linear(x, W, b)); }
+
+Tensor nll(const Tensor& logits, const Tensor& y) { return torch::nll_loss(torch::log_softmax(logits, 1), y); }
+
+// ---- W1/W2: per-sample gradients ------------------------------------------------------
+
+template <class M>
+std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> make, std::vector<int64_t> x_shape) {
+  auto setup_vmap = [=] {
+    auto model = std::make_shared<M>(make());
+    auto x = torch::randn(x_shape), y = torch::randint(10, {x_shape[0]});
+    auto params = std::make_shared<TensorDict>(func::named_parameters(*model));
+    auto loss = [model](const TensorDict& p, const Tensor& xi, const Tensor& yi) {
+      return nll(func::functional_call(*model, p, xi.unsqueeze(0)), yi.unsqueeze(0));
+    };
+    auto f = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
+    return Call([=]() mutable { f(*params, x, y); });
+  };
+  auto setup_loop = [=] {
+    auto model = std::make_shared<M>(make());
+    auto x = torch::randn(x_shape), y = torch::randint(10, {x_shape[0]});
+    return Call([=] {
+      auto ps = (*model)->parameters();
+      std::vector<std::vector<Tensor>> per(ps.size());
+      for (int64_t i = 0; i < x.size(0); ++i) {
+        auto g = torch::autograd::grad({nll((*model)->forward(x[i].unsqueeze(0)), y[i].unsqueeze(0))}, ps);
+        for (size_t k = 0; k < ps.size(); ++k) per[k].push_back(g[k]);
+      }
+      for (auto& v : per) torch::stack(v);
+    });
+  };
+  return {{id + "/vmap", "vmap(grad(loss over functional_call))", setup_vmap},
+          {id + "/loop", "baseline: loop of single-sample autograd.grad", setup_loop}};
+}
+
+// ---- the cases ------------------------------------------------------------------------
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  auto add = [&](std::vector<Case> cs) { cases.insert(cases.end(), cs.begin(), cs.end()); };
+  add(per_sample_cases<Cnn>("W1", [] { return Cnn(); }, {64, 1, 28, 28}));
+  add(per_sample_cases<nn::Sequential>("W2", [] { return mlp(784, 512, 10); }, {256, 784}));
+
+  // W3: ensemble of 10 MLPs, shared minibatch.
+  auto ensemble_models = [] {
+    std::vector<nn::Sequential> models;
+    for (int i = 0; i < 10; ++i) models.push_back(mlp(784, 128, 10));
+    return models;
+  };
+  cases.push_back({"W3/vmap", "vmap(functional_call) over stacked models, in_dims (0, 0, none)", [=] {
+                     auto models = ensemble_models();
+                     auto [p, b] = func::stack_module_state(models);
+                     auto base = std::make_shared<nn::Sequential>(models[0]);
+                     auto fmodel = [base](const TensorDict& pp, const TensorDict& bb, const Tensor& x) {
+                       return func::functional_call(*base, std::make_tuple(pp, bb), x);
+                     };
+                     auto f = func::vmap(fmodel, func::in_dims(0, 0, func::none));
+                     Tensor x = torch::randn({64, 784});
+                     return Call([=]() mutable { f(p, b, x); });
+                   }});
+  cases.push_back({"W3/loop", "baseline: loop over the 10 models", [=] {
+                     auto models = ensemble_models();
+                     Tensor x = torch::randn({64, 784});
+                     return Call([=]() mutable {
+                       std::vector<Tensor> outs;
+                       for (auto& m : models) outs.push_back(m->forward(x));
+                       torch::stack(outs);
+                     });
+                   }});
+
+  // W4: Jacobian of predict, Din = Dout = 256.
+  auto jac_inputs = [](int64_t din, int64_t dout) {
+    return std::tuple{torch::randn({dout, din}), torch::randn({dout}), torch::randn({din})};
+  };
+  cases.push_back({"W4/jacrev", "jacrev(predict, argnums x), D = 256", [=] {
+                     auto [W, b, x] = jac_inputs(256, 256);
+                     auto f = func::jacrev(predict, func::argnum<2>);
+                     return Call([=] { f(W, b, x); });
+                   }});
+  cases.push_back({"W4/jacfwd", "jacfwd(predict, argnums x), D = 256", [=] {
+                     auto [W, b, x] = jac_inputs(256, 256);
+                     auto f = func::jacfwd(predict, func::argnum<2>);
+                     return Call([=] { f(W, b, x); });
+                   }});
+  auto rows = [](const Tensor& W, const Tensor& b, const Tensor& x) {
+    Tensor xr = x.detach().requires_grad_(true);
+    Tensor y = predict(W, b, xr);
+    std::vector<Tensor> r;
+    for (int64_t i = 0; i < y.size(0); ++i) r.push_back(torch::autograd::grad({y[i]}, {xr}, {}, true)[0]);
+    return torch::stack(r);
+  };
+  cases.push_back({"W4/rows", "baseline: one autograd.grad per output row", [=] {
+                     auto [W, b, x] = jac_inputs(256, 256);
+                     return Call([=] { rows(W, b, x); });
+                   }});
+
+  // W5: batched Jacobians, batch 64, Din 31, Dout 33.
+  auto batch_inputs = [] { return std::tuple{torch::randn({33, 31}), torch::randn({33}), torch::randn({64, 31})}; };
+  cases.push_back({"W5/vmap_jacrev", "vmap(jacrev(predict)), in_dims (none, none, 0)", [=] {
+                     auto [W, b, x] = batch_inputs();
+                     auto f = func::vmap(func::jacrev(predict, func::argnum<2>), func::in_dims(func::none, func::none, 0));
+                     return Call([=] { f(W, b, x); });
+                   }});
+  cases.push_back({"W5/vmap_jacfwd", "vmap(jacfwd(predict)), in_dims (none, none, 0)", [=] {
+                     auto [W, b, x] = batch_inputs();
+                     auto f = func::vmap(func::jacfwd(predict, func::argnum<2>), func::in_dims(func::none, func::none, 0));
+                     return Call([=] { f(W, b, x); });
+                   }});
+  cases.push_back({"W5/loop", "baseline: per sample, one autograd.grad per output row", [=] {
+                     auto [W, b, x] = batch_inputs();
+                     return Call([=] {
+                       for (int64_t i = 0; i < x.size(0); ++i) rows(W, b, x[i]);
+                     });
+                   }});
+
+  // W6: Hessians.
+  cases.push_back({"W6/hessian", "hessian(predict, argnums x), D = 16", [=] {
+                     auto [W, b, x] = jac_inputs(16, 16);
+                     auto f = func::hessian(predict, func::argnum<2>);
+                     return Call([=] { f(W, b, x); });
+                   }});
+  cases.push_back({"W6/jacrev_jacrev", "jacrev(jacrev(predict)), D = 16", [=] {
+                     auto [W, b, x] = jac_inputs(16, 16);
+                     auto f = func::jacrev(func::jacrev(predict, func::argnum<2>), func::argnum<2>);
+                     return Call([=] { f(W, b, x); });
+                   }});
+  cases.push_back({"W6/vmap_hessian", "vmap(hessian(x -> predict(W, b, x).sum())), batch 64, 31 -> 33", [=] {
+                     auto [W, b, x] = batch_inputs();
+                     auto scalar = [](const Tensor& W, const Tensor& b, const Tensor& xi) { return predict(W, b, xi).sum(); };
+                     auto f = func::vmap(func::hessian(scalar, func::argnum<2>), func::in_dims(func::none, func::none, 0));
+                     return Call([=] { f(W, b, x); });
+                   }});
+  cases.push_back({"W6/rows", "baseline: hessian of predict (D = 16) by double autograd, row by row", [=] {
+                     auto [W, b, x] = jac_inputs(16, 16);
+                     return Call([=] {
+                       Tensor xr = x.detach().requires_grad_(true);
+                       Tensor y = predict(W, b, xr);
+                       std::vector<Tensor> out;
+                       for (int64_t i = 0; i < 16; ++i) {
+                         Tensor g = torch::autograd::grad({y[i]}, {xr}, {}, true, true)[0];
+                         std::vector<Tensor> r;
+                         for (int64_t j = 0; j < 16; ++j) r.push_back(torch::autograd::grad({g[j]}, {xr}, {}, true)[0]);
+                         out.push_back(torch::stack(r));
+                       }
+                       torch::stack(out);
+                     });
+                   }});
+
+  // W7: empirical NTK.
+  cases.push_back({"W7/vmap_jacrev", "vmap(jacrev(f_single)) on both batches + contraction (full NTK)", [=] {
+                     auto net = std::make_shared<NtkCnn>();
+                     auto params = func::named_parameters(*net);
+                     Tensor x1 = torch::randn({20, 3, 32, 32}), x2 = torch::randn({5, 3, 32, 32});
+                     auto f_single = [net](const TensorDict& p, const Tensor& x) {
+                       return func::functional_call(*net, p, x.unsqueeze(0)).squeeze(0);
+                     };
+                     auto jac = func::vmap(func::jacrev(f_single), func::in_dims(func::none, 0));
+                     return Call([=]() mutable {
+                       TensorDict j1 = jac(params, x1), j2 = jac(params, x2);
+                       Tensor r;
+                       for (const auto& it : j1) {
+                         Tensor part = torch::einsum("Naf,Mbf->NMab", {it.value().flatten(2), j2[it.key()].flatten(2)});
+                         r = r.defined() ? r + part : part;
+                       }
+                     });
+                   }});
+
+  // W8: one MAML meta-step.
+  auto maml_setup = [](bool transforms) {
+    auto net = std::make_shared<nn::Sequential>(nn::Linear(1, 40), nn::ReLU(), nn::Linear(40, 40), nn::ReLU(),
+                                                nn::Linear(40, 1));
+    auto params = func::named_parameters(*net);
+    Tensor xs = torch::randn({8, 10, 1}), ys = torch::randn({8, 10, 1}), xq = torch::randn({8, 10, 1}),
+           yq = torch::randn({8, 10, 1});
+    auto loss = [net](const TensorDict& p, const Tensor& x, const Tensor& y) {
+      return (func::functional_call(*net, p, x) - y).pow(2).mean();
+    };
+    if (transforms) {
+      auto task = [loss](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
+        TensorDict g = func::grad(loss)(p, a, b), q;
+        for (const auto& it : p) q.insert(it.key(), it.value() - 0.1 * g[it.key()]);
+        return loss(q, c, d);
+      };
+      auto meta = func::grad([task](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c,
+                                    const Tensor& d) {
+        return func::vmap(task, func::in_dims(func::none, 0, 0, 0, 0))(p, a, b, c, d).mean();
+      });
+      return Call([=] { meta(params, xs, ys, xq, yq); });
+    }
+    return Call([=] {
+      auto ps = (*net)->parameters();
+      Tensor total = torch::zeros({});
+      for (int64_t i = 0; i < 8; ++i) {
+        auto g = torch::autograd::grad({((*net)->forward(xs[i]) - ys[i]).pow(2).mean()}, ps, {}, true, true);
+        TensorDict q;
+        size_t k = 0;
+        for (const auto& it : params) q.insert(it.key(), ps[k] - 0.1 * g[k]), ++k;
+        total = total + (func::functional_call(*net, q, xq[i]) - yq[i]).pow(2).mean();
+      }
+      torch::autograd::grad({total / 8}, ps);
+    });
+  };
+  cases.push_back({"W8/vmap_grad", "grad(mean of vmap over tasks of (inner grad step, query loss))",
+                   [=] { return maml_setup(true); }});
+  cases.push_back({"W8/loop", "baseline: loop over tasks, autograd with create_graph", [=] { return maml_setup(false); }});
+
+  // W9: per-call overhead.
+  auto sin = [](const Tensor& t) { return torch::sin(t); };
+  cases.push_back({"W9/grad_sin", "grad(sin) on a 0-dim tensor", [=] {
+                     Tensor x = torch::randn({});
+                     auto f = func::grad(sin);
+                     return Call([=] { f(x); });
+                   }});
+  cases.push_back({"W9/vmap_sin", "vmap(sin) on [64]", [=] {
+                     Tensor x = torch::randn({64});
+                     auto f = func::vmap(sin);
+                     return Call([=] { f(x); });
+                   }});
+  cases.push_back({"W9/jvp_sin", "jvp(sin) on [64]", [=] {
+                     Tensor x = torch::randn({64}), t = torch::randn({64});
+                     return Call([=] { func::jvp(sin, std::tuple{x}, std::tuple{t}); });
+                   }});
+  cases.push_back({"W9/vjp_sin", "vjp(sin) on [64] and calling its vjp_fn", [=] {
+                     Tensor x = torch::randn({64}), ct = torch::randn({64});
+                     return Call([=] {
+                       auto [out, fn] = func::vjp(sin, x);
+                       fn(ct);
+                     });
+                   }});
+  cases.push_back({"W9/autograd_sin", "baseline: autograd.grad of sin on a 0-dim tensor", [=] {
+                     Tensor x = torch::randn({});
+                     return Call([=] {
+                       Tensor xr = x.detach().requires_grad_(true);
+                       torch::autograd::grad({torch::sin(xr)}, {xr});
+                     });
+                   }});
+  return cases;
+}
+
+nlohmann::json run_case(const Case& c, int reps, double min_time_s) {
+  torch::manual_seed(0);
+  Call call = c.setup();
+  int warmup = std::max(1, std::min(5, reps / 10));
+  for (int i = 0; i < warmup; ++i) call();
+  std::vector<double> us;
+  auto start = std::chrono::steady_clock::now();
+  while (int(us.size()) < reps ||
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < min_time_s) {
+    auto t0 = std::chrono::steady_clock::now();
+    call();
+    us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+    if (us.size() >= size_t(reps) * 20) break;
+  }
+  std::vector<double> sorted = us;
+  std::sort(sorted.begin(), sorted.end());
+  return {{"case", c.name}, {"what", c.what}, {"side", "torchfunc"}, {"median_us", sorted[sorted.size() / 2]},
+          {"min_us", sorted.front()}, {"reps", sorted.size()}, {"threads", torch::get_num_threads()},
+          {"torch", TORCH_VERSION}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string which;
+  bool all = false, list = false;
+  int reps = 20, threads = 1;
+  double min_time = 0.0;
+  CLI::App app{"torchfunc benchmarks (WORKLOADS.md W1-W9); one JSON line per case"};
+  app.add_option("--case", which, "run one case, e.g. W2/vmap");
+  app.add_flag("--all", all, "run every case (smoke test with --reps 1)");
+  app.add_flag("--list", list, "list the cases");
+  app.add_option("--reps", reps, "timed calls per case (at least)")->capture_default_str();
+  app.add_option("--min-time", min_time, "keep timing until this many seconds have passed")->capture_default_str();
+  app.add_option("--threads", threads, "intra-op threads")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  torch::set_num_threads(threads);
+  auto cases = all_cases();
+  if (list) {
+    for (const auto& c : cases) std::printf("%-18s %s\n", c.name.c_str(), c.what.c_str());
+    return 0;
+  }
+  int ran = 0;
+  for (const auto& c : cases) {
+    if (!all && c.name != which) continue;
+    std::printf("%s\n", run_case(c, reps, min_time).dump().c_str());
+    std::fflush(stdout);
+    ++ran;
+  }
+  if (ran == 0) {
+    std::fprintf(stderr, "torchfunc_bench: no case '%s' (see --list)\n", which.c_str());
+    return 2;
+  }
+  return 0;
+}

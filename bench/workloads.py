@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""The WORKLOADS.md cases (W1-W9) on Python's torch.func (torch >= 2.0) or
+functorch (Debian's python3-torch 1.13): the Python side of bench/run.py.
+Same cases, shapes, data and protocol as bench/torchfunc_bench.cpp.
+
+  python3 bench/workloads.py --list
+  python3 bench/workloads.py --case W2/vmap --threads 1 --reps 50
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # torch >= 2.0
+    from torch.func import grad, vmap, jvp, vjp, jacrev, jacfwd, hessian, functional_call, stack_module_state
+    API = "torch.func"
+except ImportError:  # functorch on torch 1.13
+    from functorch import grad, vmap, jvp, vjp, jacrev, jacfwd, hessian, combine_state_for_ensemble
+    from torch.nn.utils.stateless import functional_call
+    stack_module_state = None
+    API = "functorch"
+
+
+class Cnn(nn.Module):  # W1
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)
+        self.fc1, self.fc2 = nn.Linear(9216, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = F.max_pool2d(x, 2).flatten(1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def mlp(i, h, o):
+    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, o))
+
+
+class NtkCnn(nn.Module):  # W7
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 32, 3), nn.Conv2d(32, 32, 3), nn.Conv2d(32, 32, 3)
+        self.fc = nn.Linear(32 * 26 * 26, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x))))).flatten(1))
+
+
+def predict(W, b, x):
+    return torch.tanh(F.linear(x, W, b))
+
+
+def nll(logits, y):
+    return F.nll_loss(F.log_softmax(logits, 1), y)
+
+
+def params_of(model):
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def per_sample(make, shape):
+    def setup_vmap():
+        model = make()
+        x, y = torch.randn(shape), torch.randint(10, (shape[0],))
+        params = params_of(model)
+
+        def loss(p, xi, yi):
+            return nll(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+        f = vmap(grad(loss), in_dims=(None, 0, 0))
+        return lambda: f(params, x, y)
+
+    def setup_loop():
+        model = make()
+        x, y = torch.randn(shape), torch.randint(10, (shape[0],))
+        ps = list(model.parameters())
+
+        def run():
+            per = [[] for _ in ps]
+            for i in range(x.shape[0]):
+                g = torch.autograd.grad(nll(model(x[i].unsqueeze(0)), y[i].unsqueeze(0)), ps)
+                for k, gk in enumerate(g):
+                    per[k].append(gk)
+            [torch.stack(v) for v in per]
+        return run
+    return setup_vmap, setup_loop
+
+
+def rows(W, b, x):
+    xr = x.detach().requires_grad_(True)
+    y = predict(W, b, xr)
+    return torch.stack([torch.autograd.grad(y[i], xr, retain_graph=True)[0] for i in range(y.shape[0])])
+
+
+def jac_inputs(din, dout):
+    return torch.randn(dout, din), torch.randn(dout), torch.randn(din)
+
+
+def batch_inputs():
+    return torch.randn(33, 31), torch.randn(33), torch.randn(64, 31)
+
+
+def cases():
+    c = {}
+    c["W1/vmap"], c["W1/loop"] = per_sample(Cnn, (64, 1, 28, 28))
+    c["W2/vmap"], c["W2/loop"] = per_sample(lambda: mlp(784, 512, 10), (256, 784))
+
+    def w3_vmap():
+        models = [mlp(784, 128, 10) for _ in range(10)]
+        x = torch.randn(64, 784)
+        if stack_module_state is not None:
+            p, b = stack_module_state(models)
+            base = models[0]
+
+            def fmodel(pp, bb, xx):
+                return functional_call(base, (pp, bb), (xx,))
+            f = vmap(fmodel, in_dims=(0, 0, None))
+            return lambda: f(p, b, x)
+        fmodel, p, b = combine_state_for_ensemble(models)
+        f = vmap(fmodel, in_dims=(0, 0, None))
+        return lambda: f(p, b, x)
+
+    def w3_loop():
+        models = [mlp(784, 128, 10) for _ in range(10)]
+        x = torch.randn(64, 784)
+        return lambda: torch.stack([m(x) for m in models])
+    c["W3/vmap"], c["W3/loop"] = w3_vmap, w3_loop
+
+    def w4(kind):
+        def setup():
+            W, b, x = jac_inputs(256, 256)
+            if kind == "rows":
+                return lambda: rows(W, b, x)
+            f = (jacrev if kind == "jacrev" else jacfwd)(predict, argnums=2)
+            return lambda: f(W, b, x)
+        return setup
+    for k in ("jacrev", "jacfwd", "rows"):
+        c["W4/" + k] = w4(k)
+
+    def w5(kind):
+        def setup():
+            W, b, x = batch_inputs()
+            if kind == "loop":
+                return lambda: [rows(W, b, x[i]) for i in range(x.shape[0])]
+            f = vmap((jacrev if kind == "vmap_jacrev" else jacfwd)(predict, argnums=2), in_dims=(None, None, 0))
+            return lambda: f(W, b, x)
+        return setup
+    for k in ("vmap_jacrev", "vmap_jacfwd", "loop"):
+        c["W5/" + k] = w5(k)
+
+    def w6_hessian():
+        W, b, x = jac_inputs(16, 16)
+        f = hessian(predict, argnums=2)
+        return lambda: f(W, b, x)
+
+    def w6_revrev():
+        W, b, x = jac_inputs(16, 16)
+        f = jacrev(jacrev(predict, argnums=2), argnums=2)
+        return lambda: f(W, b, x)
+
+    def w6_vmap():
+        W, b, x = batch_inputs()
+        f = vmap(hessian(lambda W, b, xi: predict(W, b, xi).sum(), argnums=2), in_dims=(None, None, 0))
+        return lambda: f(W, b, x)
+
+    def w6_rows():
+        W, b, x = jac_inputs(16, 16)
+
+        def run():
+            xr = x.detach().requires_grad_(True)
+            y = predict(W, b, xr)
+            out = []
+            for i in range(16):
+                g = torch.autograd.grad(y[i], xr, retain_graph=True, create_graph=True)[0]
+                out.append(torch.stack([torch.autograd.grad(g[j], xr, retain_graph=True)[0] for j in range(16)]))
+            torch.stack(out)
+        return run
+    c["W6/hessian"], c["W6/jacrev_jacrev"], c["W6/vmap_hessian"], c["W6/rows"] = w6_hessian, w6_revrev, w6_vmap, w6_rows
+
+    def w7():
+        net = NtkCnn()
+        params = params_of(net)
+        x1, x2 = torch.randn(20, 3, 32, 32), torch.randn(5, 3, 32, 32)
+
+        def f_single(p, x):
+            return functional_call(net, p, (x.unsqueeze(0),)).squeeze(0)
+        jac = vmap(jacrev(f_single), (None, 0))
+
+        def run():
+            j1, j2 = jac(params, x1), jac(params, x2)
+            sum(torch.einsum("Naf,Mbf->NMab", j1[k].flatten(2), j2[k].flatten(2)) for k in j1)
+        return run
+    c["W7/vmap_jacrev"] = w7
+
+    def w8(transforms):
+        def setup():
+            net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+            params = params_of(net)
+            xs, ys, xq, yq = (torch.randn(8, 10, 1) for _ in range(4))
+
+            def loss(p, x, y):
+                return (functional_call(net, p, (x,)) - y).pow(2).mean()
+            if transforms:
+                def task(p, a, b, c_, d):
+                    g = grad(loss)(p, a, b)
+                    return loss({k: p[k] - 0.1 * g[k] for k in p}, c_, d)
+                meta = grad(lambda p, a, b, c_, d: vmap(task, in_dims=(None, 0, 0, 0, 0))(p, a, b, c_, d).mean())
+                return lambda: meta(params, xs, ys, xq, yq)
+            ps = list(net.parameters())
+            names = [k for k, _ in net.named_parameters()]
+
+            def run():
+                total = 0
+                for i in range(8):
+                    g = torch.autograd.grad((net(xs[i]) - ys[i]).pow(2).mean(), ps, create_graph=True)
+                    q = {n: p - 0.1 * gk for n, p, gk in zip(names, ps, g)}
+                    total = total + (functional_call(net, q, (xq[i],)) - yq[i]).pow(2).mean()
+                torch.autograd.grad(total / 8, ps)
+            return run
+        return setup
+    c["W8/vmap_grad"], c["W8/loop"] = w8(True), w8(False)
+
+    def w9_grad():
+        x, f = torch.randn(()), grad(torch.sin)
+        return lambda: f(x)
+
+    def w9_vmap():
+        x, f = torch.randn(64), vmap(torch.sin)
+        return lambda: f(x)
+
+    def w9_jvp():
+        x, t = torch.randn(64), torch.randn(64)
+        return lambda: jvp(torch.sin, (x,), (t,))
+
+    def w9_vjp():
+        x, ct = torch.randn(64), torch.randn(64)
+
+        def run():
+            out, fn = vjp(torch.sin, x)
+            fn(ct)
+        return run
+
+    def w9_autograd():
+        x = torch.randn(())
+
+        def run():
+            xr = x.detach().requires_grad_(True)
+            torch.autograd.grad(torch.sin(xr), xr)
+        return run
+    c["W9/grad_sin"], c["W9/vmap_sin"], c["W9/jvp_sin"], c["W9/vjp_sin"], c["W9/autograd_sin"] = (
+        w9_grad, w9_vmap, w9_jvp, w9_vjp, w9_autograd)
+    return c
+
+
+def run_case(name, setup, reps, min_time):
+    torch.manual_seed(0)
+    call = setup()
+    for _ in range(max(1, min(5, reps // 10))):
+        call()
+    us = []
+    start = time.perf_counter()
+    while len(us) < reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        call()
+        us.append((time.perf_counter() - t0) * 1e6)
+        if len(us) >= reps * 20:
+            break
+    return {"case": name, "side": "python", "median_us": statistics.median(us), "min_us": min(us), "reps": len(us),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "api": API}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case")
+    ap.add_argument("--all", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--min-time", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cs = cases()
+    if a.list:
+        print("\n".join(cs))
+        return 0
+    names = list(cs) if a.all else [a.case]
+    for n in names:
+        if n not in cs:
+            print(f"workloads.py: no case {n!r}", file=sys.stderr)
+            return 2
+        print(json.dumps(run_case(n, cs[n], a.reps, a.min_time)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
