@@ -47,7 +47,9 @@ def peak_rss_run(cmd, env):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--malloc", default="default,thp", help="default and/or thp (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
+    ap.add_argument("--malloc", default="default,thp,cache",
+                    help="default; thp (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, both sides); cache (the C++ side "
+                         "uses torchfunc::use_caching_cpu_allocator(), Python keeps default malloc)")
     ap.add_argument("--cases", default="", help="comma-separated prefixes, e.g. W1,W9/grad_sin")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--min-time", type=float, default=1.0)
@@ -66,6 +68,9 @@ def main():
     for malloc in a.malloc.split(","):
         env = dict(os.environ)
         env.pop("GLIBC_TUNABLES", None)
+        env.pop("TORCHFUNC_CACHING_ALLOCATOR", None)
+        if malloc == "cache":
+            env["TORCHFUNC_CACHING_ALLOCATOR"] = "1"  # read by torchfunc_bench only
         if malloc == "thp":
             env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
         for threads in [int(t) for t in a.threads.split(",")]:

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -344,6 +345,9 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "intra-op threads")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(threads);
+  // bench/run.py's "cache" mode: torchfunc's opt-in caching CPU allocator.
+  const char* cache = std::getenv("TORCHFUNC_CACHING_ALLOCATOR");
+  if (cache && std::string(cache) == "1") func::use_caching_cpu_allocator();
   auto cases = all_cases();
   if (list) {
     for (const auto& c : cases) std::printf("%-18s %s\n", c.name.c_str(), c.what.c_str());

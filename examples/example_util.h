@@ -3,6 +3,7 @@
 #pragma once
 
 #include <torch/torch.h>
+#include <torchfunc/allocator.h>
 
 #include <CLI/CLI.hpp>
 
@@ -50,7 +51,10 @@ struct Common {
   bool quick = false;
   int threads = 0;
   uint64_t seed = 0;
+  bool caching_allocator = false;
   void add_to(CLI::App& app) {
+    app.add_flag("--caching-allocator", caching_allocator,
+                 "allocate CPU tensors through torchfunc::use_caching_cpu_allocator() (fewer page faults)");
     app.add_flag("--quick", quick, "small sizes and few repetitions (what ctest runs)");
     app.add_option("--threads", threads, "intra-op threads (default: all cores)");
     app.add_option("--seed", seed, "random seed")->capture_default_str();
@@ -60,8 +64,9 @@ struct Common {
     int n = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
     torch::set_num_threads(n);
     torch::manual_seed(seed);
-    std::printf("%s: libtorch %s, %d threads%s\n", name, TORCH_VERSION, torch::get_num_threads(),
-                quick ? ", quick mode" : "");
+    if (caching_allocator) torchfunc::use_caching_cpu_allocator();
+    std::printf("%s: libtorch %s, %d threads%s%s\n", name, TORCH_VERSION, torch::get_num_threads(),
+                quick ? ", quick mode" : "", caching_allocator ? ", caching CPU allocator" : "");
   }
 };
 

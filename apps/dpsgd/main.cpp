@@ -65,7 +65,7 @@ struct Config {
 void apply_preset(Config& c) {
   struct P { int epochs; int64_t batch; double noise, clip, lr, momentum; };
   P p;
-  if (c.preset == "quick") p = {3, 512, 1.0, 1.0, 0.5, 0.9};
+  if (c.preset == "quick") p = {10, 2048, 2.15, 0.1, 4.0, 0.9};
   else if (c.preset == "paper") p = {40, 2048, 2.15, 0.1, 4.0, 0.9};
   else if (c.preset == "smoke") p = {1, 256, 1.0, 1.0, 0.5, 0.9};
   else throw std::invalid_argument("unknown --preset '" + c.preset + "' (quick, paper, smoke)");

@@ -14,3 +14,4 @@
 #include <torchfunc/vmap.h>
 #include <torchfunc/jacobian.h>
 #include <torchfunc/functional_call.h>
+#include <torchfunc/allocator.h>

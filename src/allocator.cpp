@@ -1,0 +1,130 @@
+#include <torchfunc/allocator.h>
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
+
+#include <sys/mman.h>
+
+#include <map>
+#include <mutex>
+#include <unordered_map>
+
+namespace torchfunc {
+namespace {
+
+constexpr size_t kLarge = size_t(1) << 20;  // below this: libtorch's default path
+constexpr size_t kHuge = size_t(2) << 20;   // transparent huge page size on x86-64
+
+class CachingCpuAllocator final : public c10::Allocator {
+ public:
+  static CachingCpuAllocator& instance() {
+    static auto* a = new CachingCpuAllocator();  // never destroyed: tensors may outlive main
+    return *a;
+  }
+
+  c10::DataPtr allocate(size_t n) const override {
+    if (n < kLarge) {
+      void* p = c10::alloc_cpu(n);
+      return {p, p, &free_small, c10::Device(c10::DeviceType::CPU)};
+    }
+    const size_t size = (n + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // Best fit among cached blocks no more than 25% larger than needed.
+      auto it = free_.lower_bound(size);
+      if (it != free_.end() && it->first <= size + size / 4) {
+        p = it->second;
+        live_[p] = it->first;
+        cached_ -= it->first;
+        free_.erase(it);
+        ++hits_;
+      }
+    }
+    if (!p) {
+      p = map_aligned(size);
+      std::lock_guard<std::mutex> lock(mu_);
+      live_[p] = size;
+      ++misses_;
+    }
+    return {p, p, &free_large, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+
+  void set_limit(size_t max_cached) {
+    std::lock_guard<std::mutex> lock(mu_);
+    max_cached_ = max_cached;
+    trim_locked();
+  }
+
+  CachingAllocatorStats stats() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {hits_, misses_, cached_};
+  }
+
+ private:
+  static void free_small(void* p) { c10::free_cpu(p); }
+  static void free_large(void* p) { instance().release(p); }
+
+  // 2 MiB-aligned anonymous memory, advised to use huge pages.
+  static void* map_aligned(size_t size) {
+    void* raw = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(raw != MAP_FAILED, "torchfunc caching allocator: out of memory allocating ", size, " bytes");
+    auto base = reinterpret_cast<uintptr_t>(raw);
+    uintptr_t aligned = (base + kHuge - 1) / kHuge * kHuge;
+    if (aligned > base) munmap(raw, aligned - base);
+    size_t tail = (base + size + kHuge) - (aligned + size);
+    if (tail) munmap(reinterpret_cast<void*>(aligned + size), tail);
+    madvise(reinterpret_cast<void*>(aligned), size, MADV_HUGEPAGE);
+    return reinterpret_cast<void*>(aligned);
+  }
+
+  void release(void* p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(p);
+    if (it == live_.end()) return;  // not ours: cannot happen, but never free what we did not map
+    size_t size = it->second;
+    live_.erase(it);
+    free_.emplace(size, p);
+    cached_ += size;
+    trim_locked();
+  }
+
+  void trim_locked() {
+    // Over the limit: give back the largest blocks first.
+    while (cached_ > max_cached_ && !free_.empty()) {
+      auto last = std::prev(free_.end());
+      munmap(last->second, last->first);
+      cached_ -= last->first;
+      free_.erase(last);
+    }
+  }
+
+  mutable std::mutex mu_;
+  mutable std::multimap<size_t, void*> free_;
+  mutable std::unordered_map<void*, size_t> live_;
+  mutable size_t cached_ = 0, hits_ = 0, misses_ = 0;
+  size_t max_cached_ = size_t(4) << 30;
+};
+
+// SetCPUAllocator only replaces an allocator of lower or equal priority.
+constexpr uint8_t kPriority = 100;
+
+}  // namespace
+
+void use_caching_cpu_allocator(size_t max_cached_bytes) {
+  auto& a = CachingCpuAllocator::instance();
+  a.set_limit(max_cached_bytes);
+  c10::SetCPUAllocator(&a, kPriority);
+}
+
+void use_default_cpu_allocator() {
+  c10::SetCPUAllocator(c10::GetDefaultCPUAllocator(), kPriority);
+  CachingCpuAllocator::instance().set_limit(0);
+}
+
+CachingAllocatorStats caching_cpu_allocator_stats() { return CachingCpuAllocator::instance().stats(); }
+
+}  // namespace torchfunc
