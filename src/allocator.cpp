@@ -26,7 +26,7 @@ class CachingCpuAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) const override {
     if (n < kLarge) {
       void* p = c10::alloc_cpu(n);
-      return {p, p, &free_small, c10::Device(c10::DeviceType::CPU)};
+      return {p, p, &free_any, c10::Device(c10::DeviceType::CPU)};
     }
     const size_t size = (n + kHuge - 1) / kHuge * kHuge;
     void* p = nullptr;
@@ -48,10 +48,12 @@ class CachingCpuAllocator final : public c10::Allocator {
       live_[p] = size;
       ++misses_;
     }
-    return {p, p, &free_large, c10::Device(c10::DeviceType::CPU)};
+    return {p, p, &free_any, c10::Device(c10::DeviceType::CPU)};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  // One deleter for both paths, so that raw_allocate / raw_deallocate (used by
+  // some kernels, e.g. oneDNN convolutions) work too.
+  c10::DeleterFnPtr raw_deleter() const override { return &free_any; }
 
   void set_limit(size_t max_cached) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -65,8 +67,9 @@ class CachingCpuAllocator final : public c10::Allocator {
   }
 
  private:
-  static void free_small(void* p) { c10::free_cpu(p); }
-  static void free_large(void* p) { instance().release(p); }
+  static void free_any(void* p) {
+    if (!instance().release(p)) c10::free_cpu(p);
+  }
 
   // 2 MiB-aligned anonymous memory, advised to use huge pages.
   static void* map_aligned(size_t size) {
@@ -81,15 +84,17 @@ class CachingCpuAllocator final : public c10::Allocator {
     return reinterpret_cast<void*>(aligned);
   }
 
-  void release(void* p) {
+  // Takes back a block we mapped; false for small (malloc'ed) blocks.
+  bool release(void* p) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(p);
-    if (it == live_.end()) return;  // not ours: cannot happen, but never free what we did not map
+    if (it == live_.end()) return false;
     size_t size = it->second;
     live_.erase(it);
     free_.emplace(size, p);
     cached_ += size;
     trim_locked();
+    return true;
   }
 
   void trim_locked() {
