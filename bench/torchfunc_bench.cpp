@@ -139,20 +139,18 @@ std::vector<Case> all_cases() {
                      });
                    }});
 
-  // W4: Jacobian of predict, Din = Dout = 256.
+  // W4-W6: transforms of predict(W, b, x). `inputs` draws (W, b, x); the case
+  // times f(W, b, x).
   auto jac_inputs = [](int64_t din, int64_t dout) {
-    return std::tuple{torch::randn({dout, din}), torch::randn({dout}), torch::randn({din})};
+    return [=] { return std::tuple{torch::randn({dout, din}), torch::randn({dout}), torch::randn({din})}; };
   };
-  cases.push_back({"W4/jacrev", "jacrev(predict, argnums x), D = 256", [=] {
-                     auto [W, b, x] = jac_inputs(256, 256);
-                     auto f = func::jacrev(predict, func::argnum<2>);
-                     return Call([=] { f(W, b, x); });
-                   }});
-  cases.push_back({"W4/jacfwd", "jacfwd(predict, argnums x), D = 256", [=] {
-                     auto [W, b, x] = jac_inputs(256, 256);
-                     auto f = func::jacfwd(predict, func::argnum<2>);
-                     return Call([=] { f(W, b, x); });
-                   }});
+  auto batch_inputs = [] { return std::tuple{torch::randn({33, 31}), torch::randn({33}), torch::randn({64, 31})}; };
+  auto predict_case = [&](std::string name, std::string what, auto inputs, auto f) {
+    cases.push_back({std::move(name), std::move(what), [=] {
+                       auto [W, b, x] = inputs();
+                       return Call([=] { f(W, b, x); });
+                     }});
+  };
   auto rows = [](const Tensor& W, const Tensor& b, const Tensor& x) {
     Tensor xr = x.detach().requires_grad_(true);
     Tensor y = predict(W, b, xr);
@@ -160,62 +158,43 @@ std::vector<Case> all_cases() {
     for (int64_t i = 0; i < y.size(0); ++i) r.push_back(torch::autograd::grad({y[i]}, {xr}, {}, true)[0]);
     return torch::stack(r);
   };
-  cases.push_back({"W4/rows", "baseline: one autograd.grad per output row", [=] {
-                     auto [W, b, x] = jac_inputs(256, 256);
-                     return Call([=] { rows(W, b, x); });
-                   }});
+  const auto x_only = func::argnum<2>;
+  const auto batched = func::in_dims(func::none, func::none, 0);
+
+  predict_case("W4/jacrev", "jacrev(predict, argnums x), D = 256", jac_inputs(256, 256), func::jacrev(predict, x_only));
+  predict_case("W4/jacfwd", "jacfwd(predict, argnums x), D = 256", jac_inputs(256, 256), func::jacfwd(predict, x_only));
+  predict_case("W4/rows", "baseline: one autograd.grad per output row", jac_inputs(256, 256), rows);
 
   // W5: batched Jacobians, batch 64, Din 31, Dout 33.
-  auto batch_inputs = [] { return std::tuple{torch::randn({33, 31}), torch::randn({33}), torch::randn({64, 31})}; };
-  cases.push_back({"W5/vmap_jacrev", "vmap(jacrev(predict)), in_dims (none, none, 0)", [=] {
-                     auto [W, b, x] = batch_inputs();
-                     auto f = func::vmap(func::jacrev(predict, func::argnum<2>), func::in_dims(func::none, func::none, 0));
-                     return Call([=] { f(W, b, x); });
-                   }});
-  cases.push_back({"W5/vmap_jacfwd", "vmap(jacfwd(predict)), in_dims (none, none, 0)", [=] {
-                     auto [W, b, x] = batch_inputs();
-                     auto f = func::vmap(func::jacfwd(predict, func::argnum<2>), func::in_dims(func::none, func::none, 0));
-                     return Call([=] { f(W, b, x); });
-                   }});
-  cases.push_back({"W5/loop", "baseline: per sample, one autograd.grad per output row", [=] {
-                     auto [W, b, x] = batch_inputs();
-                     return Call([=] {
-                       for (int64_t i = 0; i < x.size(0); ++i) rows(W, b, x[i]);
-                     });
-                   }});
+  predict_case("W5/vmap_jacrev", "vmap(jacrev(predict)), in_dims (none, none, 0)", batch_inputs,
+               func::vmap(func::jacrev(predict, x_only), batched));
+  predict_case("W5/vmap_jacfwd", "vmap(jacfwd(predict)), in_dims (none, none, 0)", batch_inputs,
+               func::vmap(func::jacfwd(predict, x_only), batched));
+  predict_case("W5/loop", "baseline: per sample, one autograd.grad per output row", batch_inputs,
+               [rows](const Tensor& W, const Tensor& b, const Tensor& x) {
+                 for (int64_t i = 0; i < x.size(0); ++i) rows(W, b, x[i]);
+               });
 
   // W6: Hessians.
-  cases.push_back({"W6/hessian", "hessian(predict, argnums x), D = 16", [=] {
-                     auto [W, b, x] = jac_inputs(16, 16);
-                     auto f = func::hessian(predict, func::argnum<2>);
-                     return Call([=] { f(W, b, x); });
-                   }});
-  cases.push_back({"W6/jacrev_jacrev", "jacrev(jacrev(predict)), D = 16", [=] {
-                     auto [W, b, x] = jac_inputs(16, 16);
-                     auto f = func::jacrev(func::jacrev(predict, func::argnum<2>), func::argnum<2>);
-                     return Call([=] { f(W, b, x); });
-                   }});
-  cases.push_back({"W6/vmap_hessian", "vmap(hessian(x -> predict(W, b, x).sum())), batch 64, 31 -> 33", [=] {
-                     auto [W, b, x] = batch_inputs();
-                     auto scalar = [](const Tensor& W, const Tensor& b, const Tensor& xi) { return predict(W, b, xi).sum(); };
-                     auto f = func::vmap(func::hessian(scalar, func::argnum<2>), func::in_dims(func::none, func::none, 0));
-                     return Call([=] { f(W, b, x); });
-                   }});
-  cases.push_back({"W6/rows", "baseline: hessian of predict (D = 16) by double autograd, row by row", [=] {
-                     auto [W, b, x] = jac_inputs(16, 16);
-                     return Call([=] {
-                       Tensor xr = x.detach().requires_grad_(true);
-                       Tensor y = predict(W, b, xr);
-                       std::vector<Tensor> out;
-                       for (int64_t i = 0; i < 16; ++i) {
-                         Tensor g = torch::autograd::grad({y[i]}, {xr}, {}, true, true)[0];
-                         std::vector<Tensor> r;
-                         for (int64_t j = 0; j < 16; ++j) r.push_back(torch::autograd::grad({g[j]}, {xr}, {}, true)[0]);
-                         out.push_back(torch::stack(r));
-                       }
-                       torch::stack(out);
-                     });
-                   }});
+  predict_case("W6/hessian", "hessian(predict, argnums x), D = 16", jac_inputs(16, 16), func::hessian(predict, x_only));
+  predict_case("W6/jacrev_jacrev", "jacrev(jacrev(predict)), D = 16", jac_inputs(16, 16),
+               func::jacrev(func::jacrev(predict, x_only), x_only));
+  auto summed = [](const Tensor& W, const Tensor& b, const Tensor& xi) { return predict(W, b, xi).sum(); };
+  predict_case("W6/vmap_hessian", "vmap(hessian(x -> predict(W, b, x).sum())), batch 64, 31 -> 33", batch_inputs,
+               func::vmap(func::hessian(summed, x_only), batched));
+  predict_case("W6/rows", "baseline: hessian of predict (D = 16) by double autograd, row by row", jac_inputs(16, 16),
+               [](const Tensor& W, const Tensor& b, const Tensor& x) {
+                 Tensor xr = x.detach().requires_grad_(true);
+                 Tensor y = predict(W, b, xr);
+                 std::vector<Tensor> out;
+                 for (int64_t i = 0; i < y.size(0); ++i) {
+                   Tensor g = torch::autograd::grad({y[i]}, {xr}, {}, true, true)[0];
+                   std::vector<Tensor> r;
+                   for (int64_t j = 0; j < xr.size(0); ++j) r.push_back(torch::autograd::grad({g[j]}, {xr}, {}, true)[0]);
+                   out.push_back(torch::stack(r));
+                 }
+                 torch::stack(out);
+               });
 
   // W7: empirical NTK.
   cases.push_back({"W7/vmap_jacrev", "vmap(jacrev(f_single)) on both batches + contraction (full NTK)", [=] {

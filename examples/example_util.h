@@ -32,6 +32,20 @@ inline void check(bool ok, const std::string& what) {
   if (!ok) ++failures;
 }
 
+// Reference Jacobian by plain autograd, no transforms: one backward pass per
+// element of y; row i holds d y_i / d inputs, flattened and concatenated.
+inline torch::Tensor autograd_jacobian(const torch::Tensor& y, const std::vector<torch::Tensor>& inputs) {
+  std::vector<torch::Tensor> rows;
+  torch::Tensor flat_y = y.flatten();
+  for (int64_t i = 0; i < flat_y.numel(); ++i) {
+    auto grads = torch::autograd::grad({flat_y[i]}, inputs, {}, /*retain_graph=*/true);
+    std::vector<torch::Tensor> parts;
+    for (auto& g : grads) parts.push_back(g.flatten());
+    rows.push_back(torch::cat(parts));
+  }
+  return torch::stack(rows);
+}
+
 // Median wall time of `reps` calls of f after one warm-up call, in milliseconds.
 template <class F>
 double median_ms(int reps, F&& f) {

@@ -21,11 +21,7 @@ Tensor predict(const Tensor& weight, const Tensor& bias, const Tensor& x) {
 // The reference: one autograd call per output row.
 Tensor jacobian_rows(const Tensor& W, const Tensor& b, const Tensor& x) {
   Tensor xr = x.detach().requires_grad_(true);
-  Tensor y = predict(W, b, xr);
-  std::vector<Tensor> rows;
-  for (int64_t i = 0; i < y.size(0); ++i)
-    rows.push_back(torch::autograd::grad({y[i]}, {xr}, {}, /*retain_graph=*/true)[0]);
-  return torch::stack(rows);
+  return example::autograd_jacobian(predict(W, b, xr), {xr});
 }
 
 int main(int argc, char** argv) {
@@ -109,9 +105,7 @@ int main(int argc, char** argv) {
     // Reference Hessian: autograd rows of the autograd gradient.
     Tensor xi = xs[i].detach().requires_grad_(true);
     Tensor g = torch::autograd::grad({scalar(Wb, bb, xi)}, {xi}, {}, true, true)[0];
-    std::vector<Tensor> rows;
-    for (int64_t j = 0; j < din; ++j) rows.push_back(torch::autograd::grad({g[j]}, {xi}, {}, true)[0]);
-    loop_h.push_back(torch::stack(rows));
+    loop_h.push_back(example::autograd_jacobian(g, {xi}));
   }
   std::printf("batched Hessians of sum(predict): %s\n", c10::str(H.sizes()).c_str());
   example::check_close(H, torch::stack(loop_h), 1e-4, "vmap(hessian) equals a loop of autograd Hessians");

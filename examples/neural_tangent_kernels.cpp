@@ -99,15 +99,7 @@ int main(int argc, char** argv) {
   // Independent reference for one pair: Jacobians by plain autograd, one
   // backward pass per output, then J1 J2^T.
   auto autograd_jacobian = [&](const Tensor& x) {
-    Tensor out = net->forward(x.unsqueeze(0)).squeeze(0);
-    std::vector<Tensor> rows;
-    for (int64_t a = 0; a < out.numel(); ++a) {
-      auto g = torch::autograd::grad({out[a]}, net->parameters(), {}, true);
-      std::vector<Tensor> flat;
-      for (auto& t : g) flat.push_back(t.flatten());
-      rows.push_back(torch::cat(flat));
-    }
-    return torch::stack(rows);
+    return example::autograd_jacobian(net->forward(x.unsqueeze(0)).squeeze(0), net->parameters());
   };
   Tensor ref = autograd_jacobian(x_train[1]).matmul(autograd_jacobian(x_test[0]).t());
   example::check_close(full1[1][0], ref, 1e-4 * scale, "NTK[1, 0] equals J(x1) J(x2)^T from autograd");

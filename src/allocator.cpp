@@ -68,7 +68,9 @@ class CachingCpuAllocator final : public c10::Allocator {
 
  private:
   static void free_any(void* p) {
-    if (!instance().release(p)) c10::free_cpu(p);
+    // Our blocks are 2 MiB-aligned; most small blocks are not, and skip the lock.
+    bool maybe_ours = reinterpret_cast<uintptr_t>(p) % kHuge == 0;
+    if (!maybe_ours || !instance().release(p)) c10::free_cpu(p);
   }
 
   // 2 MiB-aligned anonymous memory, advised to use huge pages.

@@ -268,8 +268,8 @@ int run(Config& c) {
     double acc = test_accuracy(model, test);
     double eps = c.non_private ? INFINITY : accountant.spent(c.delta).epsilon;
     double train_loss = loss_sum / std::max<int64_t>(seen, 1);
-    std::printf("epoch %2d  train loss %.4f  test accuracy %6.2f%%  epsilon %s  (%.0f s)\n", epoch, train_loss, acc,
-                c.non_private ? "inf" : std::to_string(eps).substr(0, 5).c_str(), secs);
+    std::printf("epoch %2d  train loss %.4f  test accuracy %6.2f%%  epsilon %.3f  (%.0f s)\n", epoch, train_loss, acc,
+                eps, secs);
     std::fflush(stdout);
     records.push_back({{"epoch", epoch}, {"train_loss", train_loss}, {"test_accuracy", acc},
                        {"epsilon", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(eps)}, {"seconds", secs}});
@@ -295,13 +295,12 @@ int run(Config& c) {
   }
   const std::string png = c.out_dir + (c.non_private ? "/accuracy_vs_epoch.png" : "/accuracy_vs_epsilon.png");
   dpsgd::write_line_chart(png, "Fashion-MNIST test accuracy" + std::string(c.non_private ? " (non-private)" : " under DP-SGD"),
-                          c.non_private ? "epoch" : "epsilon (delta = " + std::to_string(c.delta).substr(0, 7) + ")",
+                          c.non_private ? "epoch" : "epsilon (delta = " + c10::str(c.delta) + ")",
                           "test accuracy (%)", {series});
   torch::save(model, c.out_dir + "/model.pt");
-  std::printf("final: test accuracy %.2f%%, epsilon %s at delta %g, wall time %.0f s\n",
-              records.back()["test_accuracy"].get<double>(),
-              c.non_private ? "inf" : std::to_string(records.back()["epsilon"].get<double>()).substr(0, 5).c_str(), c.delta,
-              wall);
+  std::printf("final: test accuracy %.2f%%, epsilon %.3f at delta %g, wall time %.0f s\n",
+              records.back()["test_accuracy"].get<double>(), c.non_private ? INFINITY : accountant.spent(c.delta).epsilon,
+              c.delta, wall);
   std::printf("wrote %s/metrics.json, %s/metrics.csv, %s, %s/model.pt\n", c.out_dir.c_str(), c.out_dir.c_str(),
               png.c_str(), c.out_dir.c_str());
   return 0;

@@ -58,15 +58,7 @@ class Reparametrize {
   std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;  // slot, original handle
 };
 
-template <class M>
-torch::nn::Module& module_ref(M& m) {
-  if constexpr (std::is_base_of_v<torch::nn::Module, std::decay_t<M>>) {
-    return m;
-  } else {
-    return *m;  // ModuleHolder or std::shared_ptr
-  }
-}
-
+// The module object behind a ModuleHolder, a std::shared_ptr or a reference.
 template <class M>
 auto& impl_ref(M& m) {
   if constexpr (std::is_base_of_v<torch::nn::Module, std::decay_t<M>>) {
@@ -74,6 +66,11 @@ auto& impl_ref(M& m) {
   } else {
     return *m;
   }
+}
+
+template <class M>
+torch::nn::Module& module_ref(M& m) {
+  return impl_ref(m);
 }
 
 template <class T>
