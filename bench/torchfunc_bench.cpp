@@ -120,7 +120,12 @@ std::vector<Case> all_cases() {
   };
   cases.push_back({"W3/vmap", "vmap(functional_call) over stacked models, in_dims (0, 0, none)", [=] {
                      auto models = ensemble_models();
-                     auto [p, b] = func::stack_module_state(models);
+                     auto [stacked, b] = func::stack_module_state(models);
+                     // Inference: functorch 1.13's combine_state_for_ensemble hands
+                     // out parameters that do not require grad, so both sides time
+                     // the forward without recording an autograd graph.
+                     TensorDict p;
+                     for (const auto& it : stacked) p.insert(it.key(), it.value().detach());
                      auto base = std::make_shared<nn::Sequential>(models[0]);
                      auto fmodel = [base](const TensorDict& pp, const TensorDict& bb, const Tensor& x) {
                        return func::functional_call(*base, std::make_tuple(pp, bb), x);

@@ -116,6 +116,7 @@ def cases():
         x = torch.randn(64, 784)
         if stack_module_state is not None:
             p, b = stack_module_state(models)
+            p = {k: v.detach() for k, v in p.items()}  # inference, as on functorch 1.13 (see the C++ side)
             base = models[0]
 
             def fmodel(pp, bb, xx):

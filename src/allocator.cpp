@@ -4,6 +4,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <malloc.h>
 #include <sys/mman.h>
 
 #include <map>
@@ -121,15 +122,28 @@ constexpr uint8_t kPriority = 100;
 
 }  // namespace
 
+// glibc's defaults for the two thresholds below (mallopt disables their
+// dynamic adjustment, so going back means setting them explicitly).
+constexpr int kGlibcDefaultThreshold = 128 * 1024;
+
 void use_caching_cpu_allocator(size_t max_cached_bytes) {
   auto& a = CachingCpuAllocator::instance();
   a.set_limit(max_cached_bytes);
   c10::SetCPUAllocator(&a, kPriority);
+  // The blocks below 1 MiB stay with malloc: keep them in the heap too.
+  // Otherwise glibc serves 128 KiB..1 MiB blocks with fresh mmaps and trims
+  // the heap top on free, and each call faults the same pages in again
+  // (W3 here: 2.8 ms -> 1.8 ms).
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
 }
 
 void use_default_cpu_allocator() {
   c10::SetCPUAllocator(c10::GetDefaultCPUAllocator(), kPriority);
   CachingCpuAllocator::instance().set_limit(0);
+  mallopt(M_MMAP_THRESHOLD, kGlibcDefaultThreshold);
+  mallopt(M_TRIM_THRESHOLD, kGlibcDefaultThreshold);
+  malloc_trim(0);
 }
 
 CachingAllocatorStats caching_cpu_allocator_stats() { return CachingCpuAllocator::instance().stats(); }
