@@ -29,6 +29,10 @@ inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
 }
 #endif
 
+// Batching rules libtorch 1.13 lacks and torchfunc registers itself (see
+// src/batch_rules.cpp). 2.x ships them; registering twice would fail there.
+constexpr bool kRegisterOwnBatchRules = TORCH_VERSION_MAJOR < 2;
+
 inline int64_t push_grad_layer(bool prev_grad_mode) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Grad, c10::nullopt, c10::nullopt, prev_grad_mode);
 }

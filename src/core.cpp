@@ -44,6 +44,9 @@ size_t layer_depth() { return compat::layer_depth(); }
 
 void fail(const std::string& msg) { TORCH_CHECK(false, "torchfunc::", msg); }
 
+// Registers the batching rules libtorch lacks, once (src/batch_rules.cpp).
+void ensure_batch_rules();
+
 // ---- small helpers ------------------------------------------------------------
 
 std::vector<std::string> split_field_names(const char* names) {
@@ -491,6 +494,7 @@ std::string vmap_prefix(const VmapConfig& cfg) {
 /// batch dims moved to the normalised out_dims (written to `out_dims`).
 Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch, const VmapConfig& cfg,
                   FlatFn f, std::vector<OptDim>& out_dims) {
+  ensure_batch_rules();
   LayerGuard layer([&] { return compat::push_vmap_layer(batch, to_functorch(cfg.randomness)); });
   const int64_t lvl = layer.level();
   Tensors batched;

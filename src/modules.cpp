@@ -11,6 +11,8 @@
 //   from the dict).
 #include <torchfunc/functional_call.h>
 
+#include "reparametrize.h"
+
 #include <torch/nn/modules.h>
 
 #include <mutex>
@@ -150,18 +152,12 @@ std::string quote_list(const std::vector<std::string>& names) {
 
 }  // namespace
 
-void register_module_slots(std::type_index type, SlotLister lister) {
-  std::lock_guard<std::mutex> lock(registry_mutex());
-  registry()[type] = std::move(lister);
-}
-
-Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::string, at::Tensor>>& values,
-                             const std::vector<size_t>& dict_of, const FunctionalCallOptions& options) {
-  const std::string where = "functional_call(" + root.name() + ", ...)";
-  std::vector<std::pair<std::string, Entry>> entries;
-  walk(root, "", entries);
+std::vector<at::Tensor> resolve_values(const std::string& where, const std::vector<std::string>& names,
+                                       const std::vector<at::Tensor>& current,
+                                       const std::vector<std::pair<std::string, at::Tensor>>& values,
+                                       const std::vector<size_t>& dict_of, const FunctionalCallOptions& options) {
   std::unordered_map<std::string, size_t> index;
-  for (size_t i = 0; i < entries.size(); ++i) index.emplace(entries[i].first, i);
+  for (size_t i = 0; i < names.size(); ++i) index.emplace(names[i], i);
 
   // Which dict gave each key; keys must not repeat across dicts.
   std::unordered_map<std::string, size_t> given;
@@ -175,8 +171,8 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
               "], which are used in multiple dicts.");
   std::vector<std::string> missing;
   if (options.strict())
-    for (const auto& e : entries)
-      if (!given.count(e.first)) missing.push_back(e.first);
+    for (const auto& n : names)
+      if (!given.count(n)) missing.push_back(n);
   if (!unexpected.empty() || !missing.empty()) {
     std::string msg = "torchfunc::" + where + ": Error(s) in reparametrizing:";
     if (!unexpected.empty()) msg += "\n\tUnexpected key(s): " + quote_list(unexpected) + ".";
@@ -188,11 +184,11 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
   }
 
   // The value each registered name gets; ties share one value.
-  std::vector<at::Tensor> value_of(entries.size());
+  std::vector<at::Tensor> value_of(names.size());
   for (const auto& g : given) value_of[index.at(g.first)] = values[g.second].second;
   if (options.tie_weights()) {
     std::unordered_map<c10::TensorImpl*, std::vector<size_t>> groups;
-    for (size_t i = 0; i < entries.size(); ++i) groups[entries[i].second.tensor.unsafeGetTensorImpl()].push_back(i);
+    for (size_t i = 0; i < names.size(); ++i) groups[current[i].unsafeGetTensorImpl()].push_back(i);
     for (const auto& kv : groups) {
       if (kv.second.size() < 2) continue;
       const at::Tensor* chosen = nullptr;
@@ -200,8 +196,8 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
       for (size_t i : kv.second) {
         if (!value_of[i].defined()) continue;
         if (chosen && !chosen->is_same(value_of[i])) {
-          TORCH_CHECK(false, "torchfunc::", where, ": got values for both '", entries[chosen_i].first, "' and '",
-                      entries[i].first, "', which are tied. Consider using tie_weights(false).");
+          TORCH_CHECK(false, "torchfunc::", where, ": got values for both '", names[chosen_i], "' and '",
+                      names[i], "', which are tied. Consider using tie_weights(false).");
         }
         chosen = &value_of[i];
         chosen_i = i;
@@ -212,6 +208,25 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
       }
     }
   }
+
+  return value_of;
+}
+
+void register_module_slots(std::type_index type, SlotLister lister) {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry()[type] = std::move(lister);
+}
+
+Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::string, at::Tensor>>& values,
+                             const std::vector<size_t>& dict_of, const FunctionalCallOptions& options) {
+  const std::string where = "functional_call(" + root.name() + ", ...)";
+  std::vector<std::pair<std::string, Entry>> entries;
+  walk(root, "", entries);
+
+  std::vector<std::string> names;
+  std::vector<at::Tensor> current;
+  for (const auto& e : entries) names.push_back(e.first), current.push_back(e.second.tensor);
+  std::vector<at::Tensor> value_of = resolve_values(where, names, current, values, dict_of, options);
 
   // One tensor registered under several names of the same module sits in
   // all of those members: such names can only take one value together.

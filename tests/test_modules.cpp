@@ -1,6 +1,10 @@
 // Tests for functional_call, stack_module_state, set_grads and
 // replace_all_batch_norm_modules_, against forward passes of modules whose
 // tensors are swapped by hand and loops of ordinary backward passes.
+#include <torchfunc/jit.h>
+
+#include <filesystem>
+
 #include "common.h"
 
 namespace nn = torch::nn;
@@ -253,8 +257,8 @@ TEST_F(TF, PerSampleGradientsOfCnnAndLstm) {
   auto nll = [](const Tensor& out, const Tensor& y) { return torch::nll_loss(torch::log_softmax(out, 1), y); };
   check_per_sample(cnn, torch::randn({6, 1, 14, 14}), torch::randint(0, 10, {6}), nll);
 
-  // NOTE: nn::LSTM / nn::GRU do not run under vmap on libtorch 1.13 (no
-  // batching rule for aten::unsafe_split); the recurrent model here is nn::RNN.
+  // nn::LSTM / nn::GRU run under vmap on 1.13 through our own batching rule
+  // for aten::unsafe_split (src/batch_rules.cpp).
   struct Seq : nn::Module {
     Seq() {
       lstm = register_module("rnn", nn::RNN(nn::RNNOptions(3, 5).batch_first(true)));
@@ -271,7 +275,51 @@ TEST_F(TF, PerSampleGradientsOfCnnAndLstm) {
     nn::Linear head{nullptr};
   };
   check_per_sample(std::make_shared<Seq>(), torch::randn({5, 7, 3}), torch::randint(0, 4, {5}), nll);
+
+  struct LstmModel : nn::Module {
+    LstmModel() {
+      lstm = register_module("lstm", nn::LSTM(nn::LSTMOptions(3, 5).batch_first(true)));
+      head = register_module("head", nn::Linear(5, 4));
+    }
+    Tensor forward(const Tensor& x) {
+      Tensor h0 = torch::zeros({1, x.size(0), 5}, x.options()) + x.sum() * 0;  // batched like x (see above)
+      auto out = std::get<0>(lstm(x, std::make_tuple(h0, h0.clone())));
+      return head(out.select(1, -1));
+    }
+    nn::LSTM lstm{nullptr};
+    nn::Linear head{nullptr};
+  };
+  check_per_sample(std::make_shared<LstmModel>(), torch::randn({5, 7, 3}), torch::randint(0, 4, {5}), nll);
+
+  struct GruModel : nn::Module {
+    GruModel() {
+      gru = register_module("gru", nn::GRU(nn::GRUOptions(3, 5).batch_first(true)));
+      head = register_module("head", nn::Linear(5, 4));
+    }
+    Tensor forward(const Tensor& x) {
+      Tensor h0 = torch::zeros({1, x.size(0), 5}, x.options()) + x.sum() * 0;
+      return head(std::get<0>(gru(x, h0)).select(1, -1));
+    }
+    nn::GRU gru{nullptr};
+    nn::Linear head{nullptr};
+  };
+  check_per_sample(std::make_shared<GruModel>(), torch::randn({5, 7, 3}), torch::randint(0, 4, {5}), nll);
   torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
+}
+
+TEST_F(TF, UnsafeSplitUnderVmapMatchesLoop) {
+  // Our batching rule: negative dims, the batch dim anywhere, nested vmap.
+  Tensor x = torch::randn({4, 6, 3});
+  auto f = [](const Tensor& t) {
+    auto parts = at::unsafe_split(t, 2, -2);
+    return torch::stack({parts[0], parts[1] * 2, parts[2] * 3});
+  };
+  Tensor out = func::vmap(f, func::in_dims(1))(x.transpose(0, 1));
+  Tensor nested = func::vmap(func::vmap(f))(x.unsqueeze(0).expand({2, 4, 6, 3}).contiguous());
+  for (int64_t i = 0; i < 4; ++i) {
+    expect_close(out[i], f(x[i]), 0);
+    expect_close(nested[1][i], f(x[i]), 0);
+  }
 }
 
 // ---- ensembles ---------------------------------------------------------------
@@ -341,3 +389,67 @@ TEST_F(TF, ReplaceAllBatchNormModulesForVmap) {
 }
 
 }  // namespace
+
+// ---- TorchScript modules ---------------------------------------------------------
+
+// tanh((x @ w) * sub.scale + sub.b), built and saved as TorchScript, loaded back
+// the way a C++ program receives a model trained in Python.
+static torch::jit::Module scripted_net() {
+  torch::jit::Module sub("Sub");
+  sub.register_parameter("b", torch::randn({4}), false);
+  sub.register_buffer("scale", torch::full({4}, 2.0));
+  sub.define("def forward(self, h):\n  return h * self.scale + self.b\n");
+  torch::jit::Module net("Net");
+  net.register_parameter("w", torch::randn({3, 4}), false);
+  net.register_module("sub", sub);
+  net.define("def forward(self, x):\n  return torch.tanh(self.sub.forward(torch.matmul(x, self.w)))\n");
+  std::string path = (std::filesystem::temp_directory_path() / "torchfunc_scripted_net.pt").string();
+  net.save(path);
+  torch::jit::Module loaded = torch::jit::load(path);
+  std::filesystem::remove(path);
+  return loaded;
+}
+
+TEST_F(TF, FunctionalCallOnTorchScriptModules) {
+  torch::jit::Module net = scripted_net();
+  TensorDict params = func::named_parameters(net), buffers = func::named_buffers(net);
+  ASSERT_EQ(params.keys(), (std::vector<std::string>{"w", "sub.b"}));
+  ASSERT_EQ(buffers.keys(), (std::vector<std::string>{"sub.scale"}));
+  const Tensor own_w = net.attr("w").toTensor();
+  Tensor x = torch::randn({5, 3});
+  auto manual = [&](const Tensor& w, const Tensor& b, const Tensor& scale, const Tensor& xx) {
+    return torch::tanh(xx.matmul(w) * scale + b);
+  };
+
+  // Substitution, and the module's own tensors back afterwards.
+  TensorDict p2{{"w", torch::randn({3, 4})}, {"sub.b", torch::randn({4})}};
+  Tensor out = func::functional_call(net, std::make_tuple(p2, TensorDict{{"sub.scale", torch::full({4}, 3.0)}}), x)
+                   .toTensor();
+  expect_close(out, manual(p2["w"], p2["sub.b"], torch::full({4}, 3.0), x), 1e-6);
+  EXPECT_TRUE(net.attr("w").toTensor().is_same(own_w));
+  expect_close(net.forward({x}).toTensor(), manual(params["w"], params["sub.b"], buffers["sub.scale"], x), 1e-6);
+
+  // grad against autograd on the formula.
+  auto loss = [&](const TensorDict& p, const Tensor& xx) { return func::functional_call(net, p, xx).toTensor().sum(); };
+  TensorDict g = func::grad(loss)(params, x);
+  Tensor w = params["w"].clone().requires_grad_(true), b = params["sub.b"].clone().requires_grad_(true);
+  auto ref = torch::autograd::grad({manual(w, b, buffers["sub.scale"], x).sum()}, {w, b});
+  expect_close(g["w"], ref[0], 1e-6);
+  expect_close(g["sub.b"], ref[1], 1e-6);
+
+  // Per-sample gradients under vmap against a loop of grads.
+  TensorDict per = func::vmap(func::grad(loss), func::in_dims(func::none, 0))(params, x);
+  for (int64_t i = 0; i < 5; ++i) {
+    TensorDict gi = func::grad(loss)(params, x[i]);
+    expect_close(per["w"][i], gi["w"], 1e-6);
+    expect_close(per["sub.b"][i], gi["sub.b"], 1e-6);
+  }
+
+  // Bad keys and a throwing forward leave the module as it was.
+  EXPECT_ERROR(func::functional_call(net, TensorDict{{"sub.bias", torch::zeros({4})}}, x), "Unexpected key(s): 'sub.bias'");
+  EXPECT_ERROR(func::functional_call(net, params, x, func::FunctionalCallOptions().strict(true)),
+               "Missing key(s): 'sub.scale'");
+  EXPECT_ANY_THROW(func::functional_call(net, p2, torch::randn({5, 7})));
+  EXPECT_TRUE(net.attr("w").toTensor().is_same(own_w));
+  expect_close(net.forward({x}).toTensor(), manual(params["w"], params["sub.b"], buffers["sub.scale"], x), 1e-6);
+}

@@ -1,0 +1,23 @@
+// src/reparametrize.h: the checks functional_call makes on the given tensors,
+// shared by torch::nn modules (modules.cpp) and TorchScript modules (jit.cpp).
+#pragma once
+
+#include <torchfunc/functional_call.h>
+
+#include <string>
+#include <vector>
+
+namespace torchfunc {
+namespace detail {
+
+// The value each registered name (`names`, whose tensors are `current`) takes:
+// undefined where none is given. Errors, naming `where`, for keys repeated
+// across dicts, unknown keys, missing keys under strict, and tied names given
+// different values; with tie_weights, tied names share the given value.
+std::vector<at::Tensor> resolve_values(const std::string& where, const std::vector<std::string>& names,
+                                       const std::vector<at::Tensor>& current,
+                                       const std::vector<std::pair<std::string, at::Tensor>>& values,
+                                       const std::vector<size_t>& dict_of, const FunctionalCallOptions& options);
+
+}  // namespace detail
+}  // namespace torchfunc
