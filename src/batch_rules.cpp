@@ -1,19 +1,33 @@
-// Batching rules for ops that libtorch 1.13's functorch core runs through its
-// fallback, or cannot run at all under vmap. Registered once, on the first
-// vmap (see ensure_batch_rules), and only where compat says they are missing.
+// Batching rules for ops that libtorch's functorch core runs through its slow
+// per-sample fallback, or cannot run at all under vmap. Registered once, on
+// the first vmap (see ensure_batch_rules), and only for ops that have no
+// FuncTorchBatched kernel yet, so a libtorch that ships a rule keeps its own.
 //
-// aten::unsafe_split.Tensor: returns a list of tensors, which the 1.13
-// fallback rejects ("Batching rule not implemented"). nn::LSTM and nn::GRU
-// reach it through unsafe_chunk on their gates, so without this rule they
-// cannot run under vmap at all.
+// aten::unsafe_split.Tensor (missing in 1.13): returns a list of tensors,
+// which the 1.13 fallback rejects ("Batching rule not implemented"). nn::LSTM
+// and nn::GRU reach it through unsafe_chunk on their gates, so without this
+// rule they cannot run under vmap at all.
+//
+// aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
+// default one-element weight of nn::PReLU and for 1-D inputs).
+//
+// Pointwise losses and their backward ops (mse_loss_backward, smooth_l1_loss,
+// huber_loss, soft_margin_loss and their backwards): missing in 1.13, and in
+// 2.x covered only by Python-side decompositions, so a C++ program gets the
+// fallback (a loop over samples and a warning). Every per-sample grad of an
+// MSE or Huber loss goes through them.
 #include "compat.h"
 
-#include <ATen/ops/unsafe_split.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/Functions.h>
+#include <ATen/core/Reduction.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/WrapDimMinimal.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <array>
 #include <memory>
+#include <optional>
 
 namespace torchfunc {
 namespace detail {
@@ -21,14 +35,18 @@ namespace {
 
 namespace ft = at::functorch;
 
+int64_t current_vmap_level(const char* op) {
+  auto layer = ft::maybeCurrentDynamicLayer();
+  TORCH_INTERNAL_ASSERT(layer.has_value(), "torchfunc: ", op, " batching rule called outside vmap");
+  return layer->layerId();
+}
+
 std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t split_size, int64_t dim) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  auto layer = ft::maybeCurrentDynamicLayer();
-  TORCH_INTERNAL_ASSERT(layer.has_value(), "torchfunc: unsafe_split batching rule called outside vmap");
-  const int64_t level = layer->layerId();
+  const int64_t level = current_vmap_level("unsafe_split");
   // (Debian's 1.13 does not export functorch's PlumbingHelper; unwrap by hand.)
-  ft::BatchedTensorImpl* batched = ft::maybeGetBatchedImpl(self);
-  if (!batched || batched->level() != level) return at::unsafe_split(self, split_size, dim);
+  ft::BatchedTensorImpl* batched = compat::batched_at(self, level);
+  if (!batched) return at::unsafe_split(self, split_size, dim);
   // Batch dim first; the user's dim counts in the per-sample (logical) rank.
   at::Tensor physical = batched->value().movedim(batched->bdim(), 0);
   const int64_t logical_dim = c10::maybe_wrap_dim(dim, physical.dim() - 1);
@@ -37,19 +55,245 @@ std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t spl
   return parts;
 }
 
+// ---- pointwise losses -------------------------------------------------------
+// Each loss is elementwise before its reduction. The rule brings every operand
+// to the physical layout [B, *logical] (batch dim first, unbatched operands
+// expanded as views, lower logical ranks padded with size-1 dims so they
+// broadcast as they would per sample), runs the op with reduction none, and
+// applies the reduction per sample.
+
+struct Aligned {
+  std::array<at::Tensor, 3> t;  // physical [B, ...] operands
+  int64_t batch = -1;            // -1: nothing is batched at this level
+};
+
+Aligned align(std::array<const at::Tensor*, 3> in, int64_t level) {
+  Aligned out;
+  int64_t rank = 0;
+  std::array<bool, 3> batched{};
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!in[i]) continue;
+    if (auto* b = compat::batched_at(*in[i], level)) {
+      out.t[i] = b->value().movedim(b->bdim(), 0);
+      out.batch = out.t[i].size(0);
+      batched[i] = true;
+      rank = std::max<int64_t>(rank, out.t[i].dim() - 1);
+    } else {
+      out.t[i] = *in[i];
+      rank = std::max<int64_t>(rank, out.t[i].dim());
+    }
+  }
+  if (out.batch < 0) return out;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!in[i]) continue;
+    at::Tensor& t = out.t[i];
+    if (!batched[i]) t = t.unsqueeze(0);
+    while (t.dim() < rank + 1) t = t.unsqueeze(1);
+    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+    shape[0] = out.batch;
+    t = t.expand(shape);
+  }
+  return out;
+}
+
+// Per-sample reduction of a [B, ...] elementwise loss.
+at::Tensor reduce_per_sample(const at::Tensor& loss, int64_t reduction) {
+  if (reduction == at::Reduction::None) return loss;
+  at::Tensor flat = loss.reshape({loss.size(0), -1});
+  return reduction == at::Reduction::Mean ? flat.mean(1) : flat.sum(1);
+}
+
+// Scale of a per-sample backward computed with reduction none: 1/numel of one
+// sample for mean (what the op would use on the unbatched input).
+at::Tensor scale_backward(const at::Tensor& grad, int64_t reduction) {
+  if (reduction != at::Reduction::Mean) return grad;
+  const int64_t per_sample = grad.numel() / std::max<int64_t>(grad.size(0), 1);
+  return grad / static_cast<double>(std::max<int64_t>(per_sample, 1));
+}
+
+// Forward: op(self, target, reduction, extra...) -> loss.
+template <class Op, class... Extra>
+at::Tensor loss_batched(const char* name, Op op, const at::Tensor& self, const at::Tensor& target, int64_t reduction,
+                        Extra... extra) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level(name);
+  Aligned a = align({&self, &target, nullptr}, level);
+  if (a.batch < 0) return op(self, target, reduction, extra...);
+  at::Tensor loss = reduce_per_sample(op(a.t[0], a.t[1], at::Reduction::None, extra...), reduction);
+  return ft::makeBatched(loss, 0, level);
+}
+
+// Backward: op_backward(grad_output, self, target, reduction, extra...) -> grad_self.
+// With reduction mean/sum grad_output is one scalar per sample ([B] -> [B, 1, ...]).
+template <class Op, class... Extra>
+at::Tensor loss_backward_batched(const char* name, Op op, const at::Tensor& grad_output, const at::Tensor& self,
+                                 const at::Tensor& target, int64_t reduction, Extra... extra) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level(name);
+  Aligned a = align({&grad_output, &self, &target}, level);
+  if (a.batch < 0) return op(grad_output, self, target, reduction, extra...);
+  at::Tensor grad = op(a.t[0], a.t[1].contiguous(), a.t[2], at::Reduction::None, extra...);
+  return ft::makeBatched(scale_backward(grad, reduction), 0, level);
+}
+
+at::Tensor mse_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
+                                     int64_t reduction) {
+  return loss_backward_batched("mse_loss_backward",
+                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r) {
+                                 return at::mse_loss_backward(g, s, t, r);
+                               },
+                               g, self, target, reduction);
+}
+at::Tensor smooth_l1_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction, double beta) {
+  return loss_batched("smooth_l1_loss",
+                      [](const at::Tensor& s, const at::Tensor& t, int64_t r, double b) {
+                        return at::smooth_l1_loss(s, t, r, b);
+                      },
+                      self, target, reduction, beta);
+}
+at::Tensor smooth_l1_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
+                                           int64_t reduction, double beta) {
+  return loss_backward_batched("smooth_l1_loss_backward",
+                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r,
+                                  double b) { return at::smooth_l1_loss_backward(g, s, t, r, b); },
+                               g, self, target, reduction, beta);
+}
+at::Tensor huber_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction, double delta) {
+  return loss_batched("huber_loss",
+                      [](const at::Tensor& s, const at::Tensor& t, int64_t r, double d) {
+                        return at::huber_loss(s, t, r, d);
+                      },
+                      self, target, reduction, delta);
+}
+at::Tensor huber_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
+                                       int64_t reduction, double delta) {
+  return loss_backward_batched("huber_loss_backward",
+                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r,
+                                  double d) { return at::huber_loss_backward(g, s, t, r, d); },
+                               g, self, target, reduction, delta);
+}
+at::Tensor soft_margin_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction) {
+  return loss_batched("soft_margin_loss",
+                      [](const at::Tensor& s, const at::Tensor& t, int64_t r) {
+                        return at::soft_margin_loss(s, t, r);
+                      },
+                      self, target, reduction);
+}
+at::Tensor soft_margin_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
+                                             int64_t reduction) {
+  return loss_backward_batched("soft_margin_loss_backward",
+                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r) {
+                                 return at::soft_margin_loss_backward(g, s, t, r);
+                               },
+                               g, self, target, reduction);
+}
+
+// ---- prelu (1.13's own rules are wrong; see compat::kReplacePreluBatchRules) --
+// Per sample, prelu(x, w) = x > 0 ? x : w * x with w broadcast along x's
+// channel dim (dim 1 when x has rank >= 2), and w has 1 element or one per
+// channel. The rules work on [B, ...] layouts: batch first, unbatched
+// operands expanded as views.
+
+at::Tensor batch_first(const at::Tensor& t, int64_t level, int64_t batch) {
+  if (auto* b = compat::batched_at(t, level)) return b->value().movedim(b->bdim(), 0);
+  std::vector<int64_t> shape{batch};
+  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
+  return t.unsqueeze(0).expand(shape);
+}
+
+int64_t batch_size_at(std::initializer_list<const at::Tensor*> ts, int64_t level) {
+  for (const at::Tensor* t : ts)
+    if (auto* b = compat::batched_at(*t, level)) return b->value().size(b->bdim());
+  return -1;
+}
+
+// w [B, *w_shape] viewed to broadcast against x [B, *S].
+at::Tensor prelu_weight_view(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t rank = x.dim() - 1, batch = x.size(0);
+  const int64_t channels = rank >= 2 ? x.size(2) : 1;
+  const int64_t params = w.numel() / std::max<int64_t>(batch, 1);
+  TORCH_CHECK(w.dim() <= 2, "prelu: Expected `weight` to be a scalar or 1D tensor, but got ndim = ", w.dim() - 1);
+  TORCH_CHECK(params == 1 || params == channels,
+              "Mismatch of parameter numbers and input channel size. Found parameter numbers = ", params,
+              " and channel size = ", channels, ".");
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+  shape[0] = batch;
+  if (params > 1) shape[2] = params;
+  return w.reshape(shape);
+}
+
+at::Tensor prelu_batched(const at::Tensor& self, const at::Tensor& weight) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("prelu");
+  const int64_t batch = batch_size_at({&self, &weight}, level);
+  if (batch < 0) return at::prelu(self, weight);
+  at::Tensor x = batch_first(self, level, batch);
+  at::Tensor w = prelu_weight_view(x, batch_first(weight, level, batch));
+  return ft::makeBatched(at::where(x > 0, x, w * x), 0, level);
+}
+
+std::tuple<at::Tensor, at::Tensor> prelu_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
+                                                          const at::Tensor& weight) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("prelu_backward");
+  const int64_t batch = batch_size_at({&grad_output, &self, &weight}, level);
+  if (batch < 0) return at::prelu_backward(grad_output, self, weight);
+  at::Tensor x = batch_first(self, level, batch);
+  at::Tensor g = batch_first(grad_output, level, batch);
+  at::Tensor w_phys = batch_first(weight, level, batch);
+  at::Tensor w = prelu_weight_view(x, w_phys);
+  at::Tensor positive = x > 0;
+  at::Tensor grad_self = at::where(positive, g, w * g);
+  // d/dw: x * g where x <= 0, summed over everything but the channel dim.
+  at::Tensor per_elem = at::where(positive, at::zeros_like(x), x * g);
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d < x.dim(); ++d)
+    if (!(w.dim() > 2 && w.size(2) > 1 && d == 2)) dims.push_back(d);
+  at::Tensor grad_weight = dims.empty() ? per_elem : per_elem.sum(dims);
+  grad_weight = grad_weight.reshape(w_phys.sizes());
+  return {ft::makeBatched(grad_self, 0, level), ft::makeBatched(grad_weight, 0, level)};
+}
+
+// True if `name` exists and has no batching rule of its own.
+bool lacks_batch_rule(const char* name, const char* overload) {
+  auto op = c10::Dispatcher::singleton().findSchema({name, overload});
+  return op.has_value() && !op->hasKernelForDispatchKey(c10::DispatchKey::FuncTorchBatched);
+}
+
 }  // namespace
 
-void ensure_batch_rules() {
-  if constexpr (compat::kRegisterOwnBatchRules) {
-    static const auto library = [] {
-      auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
-                                                  c10::DispatchKey::FuncTorchBatched, __FILE__, __LINE__);
-      lib->impl("unsafe_split.Tensor", TORCH_FN(unsafe_split_batched));
-      return lib;
-    }();
-    (void)library;
-  }
+std::vector<std::string> own_batch_rules() {
+  static const std::vector<std::string> registered = [] {
+    std::vector<std::string> names;
+    // Registrations live as long as this object: the whole process.
+    static auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
+                                                       c10::DispatchKey::FuncTorchBatched, __FILE__, __LINE__);
+    auto add = [&](const char* op, const char* overload, auto kernel) {
+      if (!lacks_batch_rule((std::string("aten::") + op).c_str(), overload)) return;
+      const std::string full = *overload ? std::string(op) + "." + overload : std::string(op);
+      lib->impl(full.c_str(), std::move(kernel));
+      names.push_back("aten::" + full);
+    };
+    add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
+    add("mse_loss_backward", "", TORCH_FN(mse_loss_backward_batched));
+    add("smooth_l1_loss", "", TORCH_FN(smooth_l1_loss_batched));
+    add("smooth_l1_loss_backward", "", TORCH_FN(smooth_l1_loss_backward_batched));
+    add("huber_loss", "", TORCH_FN(huber_loss_batched));
+    add("huber_loss_backward", "", TORCH_FN(huber_loss_backward_batched));
+    add("soft_margin_loss", "", TORCH_FN(soft_margin_loss_batched));
+    add("soft_margin_loss_backward", "", TORCH_FN(soft_margin_loss_backward_batched));
+    if constexpr (compat::kReplacePreluBatchRules) {
+      compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
+      lib->impl("prelu", TORCH_FN(prelu_batched));
+      lib->impl("prelu_backward", TORCH_FN(prelu_backward_batched));
+      names.insert(names.end(), {"aten::prelu", "aten::prelu_backward"});
+    }
+    return names;
+  }();
+  return registered;
 }
+
+void ensure_batch_rules() { (void)own_batch_rules(); }
 
 }  // namespace detail
 }  // namespace torchfunc

@@ -10,6 +10,7 @@
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/functorch/DynamicLayer.h>
 #include <ATen/functorch/TensorWrapper.h>
+#include <c10/util/Exception.h>
 #include <torch/version.h>
 
 #include <cstdint>
@@ -29,9 +30,28 @@ inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
 }
 #endif
 
-// Batching rules libtorch 1.13 lacks and torchfunc registers itself (see
-// src/batch_rules.cpp). 2.x ships them; registering twice would fail there.
-constexpr bool kRegisterOwnBatchRules = TORCH_VERSION_MAJOR < 2;
+// libtorch 1.13's own batching rules for prelu / prelu_backward are wrong for
+// a one-element weight (nn::PReLU's default) and for 1-D inputs (an error or
+// an internal assert). torchfunc replaces them there (src/batch_rules.cpp).
+constexpr bool kReplacePreluBatchRules = TORCH_VERSION_MAJOR < 2;
+
+// Drops c10 warnings while alive (the dispatcher warns when a kernel replaces
+// another, which is what kReplacePreluBatchRules does on purpose).
+class QuietWarnings : public c10::WarningHandler {
+ public:
+  QuietWarnings() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
+  ~QuietWarnings() override { c10::Warning::set_warning_handler(prev_); }
+  QuietWarnings(const QuietWarnings&) = delete;
+  QuietWarnings& operator=(const QuietWarnings&) = delete;
+#if TORCH_VERSION_MAJOR >= 2
+  void process(const c10::Warning&) override {}
+#else
+  void process(const c10::SourceLocation&, const std::string&, const bool) override {}
+#endif
+
+ private:
+  c10::WarningHandler* prev_;
+};
 
 inline int64_t push_grad_layer(bool prev_grad_mode) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Grad, c10::nullopt, c10::nullopt, prev_grad_mode);

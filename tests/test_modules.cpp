@@ -322,6 +322,130 @@ TEST_F(TF, UnsafeSplitUnderVmapMatchesLoop) {
   }
 }
 
+TEST_F(TF, LossBatchRulesMatchLoop) {
+  // Our rules for the pointwise losses (and their backward ops) that libtorch
+  // runs through the per-sample fallback: per-sample values and gradients for
+  // every reduction and every batched/unbatched operand mix, against a loop of
+  // plain autograd calls; grad over a vmapped loss against one autograd call
+  // on the batch; a per-sample Hessian against its closed form.
+  namespace F = torch::nn::functional;
+  using Loss = std::function<Tensor(const Tensor&, const Tensor&, int64_t)>;
+  const std::vector<std::pair<std::string, Loss>> losses{
+      {"mse", [](const Tensor& p, const Tensor& y, int64_t r) { return at::mse_loss(p, y, r); }},
+      {"smooth_l1", [](const Tensor& p, const Tensor& y, int64_t r) { return at::smooth_l1_loss(p, y, r, 0.5); }},
+      {"huber", [](const Tensor& p, const Tensor& y, int64_t r) { return at::huber_loss(p, y, r, 0.7); }},
+      {"soft_margin", [](const Tensor& p, const Tensor& y, int64_t r) { return at::soft_margin_loss(p, y, r); }}};
+  Tensor w = torch::randn({4, 3}, torch::kDouble);
+  Tensor xs = torch::randn({6, 3}, torch::kDouble);
+  Tensor ys = torch::randn({6, 4}, torch::kDouble);
+  Tensor y0 = torch::randn({4}, torch::kDouble);
+  for (const auto& [name, loss] : losses) {
+    for (int64_t r : {at::Reduction::Mean, at::Reduction::Sum, at::Reduction::None}) {
+      SCOPED_TRACE(name + " reduction " + std::to_string(r));
+      auto scalar = [&, loss = loss](const Tensor& w, const Tensor& x, const Tensor& y) {
+        Tensor l = loss(torch::mv(w, x), y, r);
+        return r == at::Reduction::None ? (l * torch::arange(1, 5, l.options())).sum() : l;
+      };
+      auto reference = [&](const Tensor& x, const Tensor& y) {
+        Tensor wr = w.detach().requires_grad_(true);
+        return torch::autograd::grad({scalar(wr, x, y)}, {wr})[0];
+      };
+      // Per-sample gradients: targets batched, then one target for all.
+      Tensor g = func::vmap(func::grad(scalar), func::in_dims(func::none, 0, 0))(w, xs, ys);
+      Tensor g_shared = func::vmap(func::grad(scalar), func::in_dims(func::none, 0, func::none))(w, xs, y0);
+      // Predictions unbatched, targets batched (the batch reaches only target).
+      Tensor x0 = xs[0];
+      Tensor g_targets = func::vmap(func::grad(scalar), func::in_dims(func::none, func::none, 0))(w, x0, ys);
+      // Forward values under vmap, targets batched along dim 1.
+      Tensor values = func::vmap([&, loss = loss](const Tensor& x, const Tensor& y) { return loss(torch::mv(w, x), y, r); },
+                                 func::in_dims(0, 1))(xs, ys.t());
+      for (int64_t i = 0; i < 6; ++i) {
+        expect_close(g[i], reference(xs[i], ys[i]), 1e-12);
+        expect_close(g_shared[i], reference(xs[i], y0), 1e-12);
+        expect_close(g_targets[i], reference(x0, ys[i]), 1e-12);
+        expect_close(values[i], loss(torch::mv(w, xs[i]), ys[i], r), 1e-12);
+      }
+      // grad of a vmapped loss: one autograd call over the whole batch.
+      Tensor g_outer = func::grad([&](const Tensor& w) {
+        return func::vmap([&](const Tensor& x, const Tensor& y) { return scalar(w, x, y); })(xs, ys).sum();
+      })(w);
+      Tensor wr = w.detach().requires_grad_(true);
+      Tensor total = torch::zeros({}, torch::kDouble);
+      for (int64_t i = 0; i < 6; ++i) total = total + scalar(wr, xs[i], ys[i]);
+      expect_close(g_outer, torch::autograd::grad({total}, {wr})[0], 1e-12);
+    }
+  }
+  // Per-sample Hessian of sum((W x - y)^2) in x: 2 W^T W, through the
+  // backward of mse_loss_backward under vmap.
+  Tensor h = func::vmap(func::hessian([&](const Tensor& x, const Tensor& y) { return at::mse_loss(torch::mv(w, x), y, at::Reduction::Sum); }))(xs, ys);
+  for (int64_t i = 0; i < 6; ++i) expect_close(h[i], 2 * w.t().mm(w), 1e-12);
+#if TORCH_VERSION_MAJOR < 2
+  // libtorch 1.13 ships none of these rules: torchfunc registers all of them.
+  auto own = func::detail::own_batch_rules();
+  for (const char* op : {"aten::unsafe_split.Tensor", "aten::mse_loss_backward", "aten::smooth_l1_loss",
+                         "aten::smooth_l1_loss_backward", "aten::huber_loss", "aten::huber_loss_backward",
+                         "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu",
+                         "aten::prelu_backward"}) {
+    EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
+  }
+#endif
+}
+
+TEST_F(TF, PreluUnderVmapMatchesLoop) {
+  // libtorch 1.13's prelu batching rules fail for nn::PReLU's default
+  // one-element weight and for 1-D inputs; torchfunc replaces them there.
+  // Per-sample values and gradients (input and weight), for input ranks 0-3,
+  // one weight or one per channel, shared or per-sample weights, against loops.
+  const std::vector<std::vector<int64_t>> shapes{{}, {4}, {3, 4}, {3, 5, 2}};
+  for (const auto& shape : shapes) {
+    std::vector<int64_t> counts{1};
+    if (shape.size() >= 2) counts.push_back(shape[1]);
+    for (int64_t count : counts) {
+      SCOPED_TRACE("rank " + std::to_string(shape.size()) + ", " + std::to_string(count) + " weights");
+      std::vector<int64_t> batched{5};
+      batched.insert(batched.end(), shape.begin(), shape.end());
+      Tensor xs = torch::randn(batched, torch::kDouble);
+      Tensor w = torch::rand({count}, torch::kDouble) + 0.1;
+      Tensor ws = torch::rand({5, count}, torch::kDouble) + 0.1;
+      auto loss = [](const Tensor& w, const Tensor& x) { return (torch::prelu(x, w) * torch::prelu(x, w)).sum(); };
+      Tensor out = func::vmap([&](const Tensor& x) { return torch::prelu(x, w); })(xs);
+      Tensor out_ws = func::vmap([](const Tensor& w, const Tensor& x) { return torch::prelu(x, w); })(ws, xs);
+      auto [gw, gx] = func::vmap(func::grad(loss, func::argnums<0, 1>), func::in_dims(func::none, 0))(w, xs);
+      auto [gws, gxs] = func::vmap(func::grad(loss, func::argnums<0, 1>))(ws, xs);
+      for (int64_t i = 0; i < 5; ++i) {
+        expect_close(out[i], torch::prelu(xs[i], w), 0);
+        expect_close(out_ws[i], torch::prelu(xs[i], ws[i]), 0);
+        for (const auto& [wi, gwi, gxi] : {std::tuple{w, gw[i], gx[i]}, std::tuple{ws[i], gws[i], gxs[i]}}) {
+          Tensor wr = wi.detach().requires_grad_(true), xr = xs[i].detach().requires_grad_(true);
+          auto ref = torch::autograd::grad({loss(wr, xr)}, {wr, xr});
+          expect_close(gwi, ref[0], 1e-12);
+          expect_close(gxi, ref[1], 1e-12);
+        }
+      }
+      // grad over a vmapped prelu: one autograd call on the batch.
+      Tensor g_outer = func::grad([&](const Tensor& w) { return func::vmap([&](const Tensor& x) { return loss(w, x); })(xs).sum(); })(w);
+      Tensor wr = w.detach().requires_grad_(true);
+      Tensor total = torch::zeros({}, torch::kDouble);
+      for (int64_t i = 0; i < 5; ++i) total = total + loss(wr, xs[i]);
+      expect_close(g_outer, torch::autograd::grad({total}, {wr})[0], 1e-12);
+    }
+  }
+  // nn::PReLU (one weight by default) in a model: per-sample gradients.
+  nn::Sequential net(nn::Linear(3, 4), nn::PReLU(), nn::Linear(4, 1));
+  net->to(torch::kDouble);
+  Tensor xs = torch::randn({6, 3}, torch::kDouble);
+  auto params = func::named_parameters(net);
+  auto model_loss = [&](const TensorDict& p, const Tensor& x) { return func::functional_call(net, p, x).sum(); };
+  TensorDict g = func::vmap(func::grad(model_loss), func::in_dims(func::none, 0))(params, xs);
+  for (int64_t i = 0; i < 6; ++i) {
+    net->zero_grad();
+    net->forward(xs[i]).sum().backward();
+    for (const auto& p : net->named_parameters()) expect_close(g[p.key()][i], p.value().grad(), 1e-12);
+  }
+  EXPECT_ERROR(func::vmap([](const Tensor& x) { return torch::prelu(x, torch::ones({3}, x.options())); })(torch::randn({2, 4, 5})),
+               "Mismatch of parameter numbers and input channel size");
+}
+
 // ---- ensembles ---------------------------------------------------------------
 
 TEST_F(TF, EnsembleOfMlpsMatchesLoop) {

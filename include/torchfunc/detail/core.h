@@ -106,6 +106,11 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
 /// Depth of this thread's functorch layer stack (tests check it is restored).
 size_t layer_depth();
 
+/// The batching rules torchfunc registered because this libtorch has none
+/// (src/batch_rules.cpp), e.g. "aten::mse_loss_backward". Registers them on
+/// first use; vmap does so too.
+std::vector<std::string> own_batch_rules();
+
 // ---- errors ------------------------------------------------------------------
 /// Throws c10::Error with "torchfunc::" + msg.
 [[noreturn]] void fail(const std::string& msg);
