@@ -48,8 +48,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--malloc", default="default,thp,cache",
-                    help="default; thp (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, both sides); cache (the C++ side "
-                         "uses torchfunc::use_caching_cpu_allocator(), Python keeps default malloc)")
+                    help="default; thp (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, both sides); mallopt (glibc keeps "
+                         "freed memory: MALLOC_MMAP_THRESHOLD_=32MiB, MALLOC_TRIM_THRESHOLD_=256MiB, both sides); "
+                         "cache (the C++ side uses torchfunc::use_caching_cpu_allocator(), Python keeps default "
+                         "malloc)")
     ap.add_argument("--cases", default="", help="comma-separated prefixes, e.g. W1,W9/grad_sin")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--min-time", type=float, default=1.0)
@@ -69,6 +71,11 @@ def main():
         env = dict(os.environ)
         env.pop("GLIBC_TUNABLES", None)
         env.pop("TORCHFUNC_CACHING_ALLOCATOR", None)
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+        env.pop("MALLOC_TRIM_THRESHOLD_", None)
+        if malloc == "mallopt":
+            env["MALLOC_MMAP_THRESHOLD_"] = str(32 << 20)
+            env["MALLOC_TRIM_THRESHOLD_"] = str(256 << 20)
         if malloc == "cache":
             env["TORCHFUNC_CACHING_ALLOCATOR"] = "1"  # read by torchfunc_bench only
         if malloc == "thp":

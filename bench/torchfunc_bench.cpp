@@ -221,14 +221,17 @@ std::vector<Case> all_cases() {
                    }});
 
   // W8: one MAML meta-step.
-  auto maml_setup = [](bool transforms) {
+  // mse: the same meta-step with torch::mse_loss, which goes through
+  // mse_loss_backward (no batching rule in libtorch; torchfunc registers one).
+  auto maml_setup = [](bool transforms, bool mse = false) {
     auto net = std::make_shared<nn::Sequential>(nn::Linear(1, 40), nn::ReLU(), nn::Linear(40, 40), nn::ReLU(),
                                                 nn::Linear(40, 1));
     auto params = func::named_parameters(*net);
     Tensor xs = torch::randn({8, 10, 1}), ys = torch::randn({8, 10, 1}), xq = torch::randn({8, 10, 1}),
            yq = torch::randn({8, 10, 1});
-    auto loss = [net](const TensorDict& p, const Tensor& x, const Tensor& y) {
-      return (func::functional_call(*net, p, x) - y).pow(2).mean();
+    auto loss = [net, mse](const TensorDict& p, const Tensor& x, const Tensor& y) {
+      Tensor pred = func::functional_call(*net, p, x);
+      return mse ? torch::mse_loss(pred, y) : (pred - y).pow(2).mean();
     };
     if (transforms) {
       auto task = [loss](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
@@ -257,6 +260,8 @@ std::vector<Case> all_cases() {
   };
   cases.push_back({"W8/vmap_grad", "grad(mean of vmap over tasks of (inner grad step, query loss))",
                    [=] { return maml_setup(true); }});
+  cases.push_back({"W8/vmap_grad_mse", "W8/vmap_grad with torch::mse_loss as the loss",
+                   [=] { return maml_setup(true, true); }});
   cases.push_back({"W8/loop", "baseline: loop over tasks, autograd with create_graph", [=] { return maml_setup(false); }});
 
   // W9: per-call overhead.

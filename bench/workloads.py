@@ -199,14 +199,15 @@ def cases():
         return run
     c["W7/vmap_jacrev"] = w7
 
-    def w8(transforms):
+    def w8(transforms, mse=False):
         def setup():
             net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
             params = params_of(net)
             xs, ys, xq, yq = (torch.randn(8, 10, 1) for _ in range(4))
 
             def loss(p, x, y):
-                return (functional_call(net, p, (x,)) - y).pow(2).mean()
+                pred = functional_call(net, p, (x,))
+                return F.mse_loss(pred, y) if mse else (pred - y).pow(2).mean()
             if transforms:
                 def task(p, a, b, c_, d):
                     g = grad(loss)(p, a, b)
@@ -225,7 +226,7 @@ def cases():
                 torch.autograd.grad(total / 8, ps)
             return run
         return setup
-    c["W8/vmap_grad"], c["W8/loop"] = w8(True), w8(False)
+    c["W8/vmap_grad"], c["W8/vmap_grad_mse"], c["W8/loop"] = w8(True), w8(True, mse=True), w8(False)
 
     def w9_grad():
         x, f = torch.randn(()), grad(torch.sin)

@@ -111,81 +111,28 @@ at::Tensor scale_backward(const at::Tensor& grad, int64_t reduction) {
   return grad / static_cast<double>(std::max<int64_t>(per_sample, 1));
 }
 
-// Forward: op(self, target, reduction, extra...) -> loss.
-template <class Op, class... Extra>
-at::Tensor loss_batched(const char* name, Op op, const at::Tensor& self, const at::Tensor& target, int64_t reduction,
-                        Extra... extra) {
+// Forward: Op(self, target, reduction, extra...) -> loss.
+template <auto Op, class... Extra>
+at::Tensor loss_rule(const at::Tensor& self, const at::Tensor& target, int64_t reduction, Extra... extra) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const int64_t level = current_vmap_level(name);
+  const int64_t level = current_vmap_level("loss");
   Aligned a = align({&self, &target, nullptr}, level);
-  if (a.batch < 0) return op(self, target, reduction, extra...);
-  at::Tensor loss = reduce_per_sample(op(a.t[0], a.t[1], at::Reduction::None, extra...), reduction);
+  if (a.batch < 0) return Op(self, target, reduction, extra...);
+  at::Tensor loss = reduce_per_sample(Op(a.t[0], a.t[1], at::Reduction::None, extra...), reduction);
   return ft::makeBatched(loss, 0, level);
 }
 
-// Backward: op_backward(grad_output, self, target, reduction, extra...) -> grad_self.
+// Backward: Op(grad_output, self, target, reduction, extra...) -> grad_self.
 // With reduction mean/sum grad_output is one scalar per sample ([B] -> [B, 1, ...]).
-template <class Op, class... Extra>
-at::Tensor loss_backward_batched(const char* name, Op op, const at::Tensor& grad_output, const at::Tensor& self,
-                                 const at::Tensor& target, int64_t reduction, Extra... extra) {
+template <auto Op, class... Extra>
+at::Tensor loss_backward_rule(const at::Tensor& grad_output, const at::Tensor& self, const at::Tensor& target,
+                              int64_t reduction, Extra... extra) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const int64_t level = current_vmap_level(name);
+  const int64_t level = current_vmap_level("loss backward");
   Aligned a = align({&grad_output, &self, &target}, level);
-  if (a.batch < 0) return op(grad_output, self, target, reduction, extra...);
-  at::Tensor grad = op(a.t[0], a.t[1].contiguous(), a.t[2], at::Reduction::None, extra...);
+  if (a.batch < 0) return Op(grad_output, self, target, reduction, extra...);
+  at::Tensor grad = Op(a.t[0], a.t[1].contiguous(), a.t[2], at::Reduction::None, extra...);
   return ft::makeBatched(scale_backward(grad, reduction), 0, level);
-}
-
-at::Tensor mse_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
-                                     int64_t reduction) {
-  return loss_backward_batched("mse_loss_backward",
-                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r) {
-                                 return at::mse_loss_backward(g, s, t, r);
-                               },
-                               g, self, target, reduction);
-}
-at::Tensor smooth_l1_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction, double beta) {
-  return loss_batched("smooth_l1_loss",
-                      [](const at::Tensor& s, const at::Tensor& t, int64_t r, double b) {
-                        return at::smooth_l1_loss(s, t, r, b);
-                      },
-                      self, target, reduction, beta);
-}
-at::Tensor smooth_l1_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
-                                           int64_t reduction, double beta) {
-  return loss_backward_batched("smooth_l1_loss_backward",
-                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r,
-                                  double b) { return at::smooth_l1_loss_backward(g, s, t, r, b); },
-                               g, self, target, reduction, beta);
-}
-at::Tensor huber_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction, double delta) {
-  return loss_batched("huber_loss",
-                      [](const at::Tensor& s, const at::Tensor& t, int64_t r, double d) {
-                        return at::huber_loss(s, t, r, d);
-                      },
-                      self, target, reduction, delta);
-}
-at::Tensor huber_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
-                                       int64_t reduction, double delta) {
-  return loss_backward_batched("huber_loss_backward",
-                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r,
-                                  double d) { return at::huber_loss_backward(g, s, t, r, d); },
-                               g, self, target, reduction, delta);
-}
-at::Tensor soft_margin_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction) {
-  return loss_batched("soft_margin_loss",
-                      [](const at::Tensor& s, const at::Tensor& t, int64_t r) {
-                        return at::soft_margin_loss(s, t, r);
-                      },
-                      self, target, reduction);
-}
-at::Tensor soft_margin_loss_backward_batched(const at::Tensor& g, const at::Tensor& self, const at::Tensor& target,
-                                             int64_t reduction) {
-  return loss_backward_batched("soft_margin_loss_backward",
-                               [](const at::Tensor& g, const at::Tensor& s, const at::Tensor& t, int64_t r) {
-                                 return at::soft_margin_loss_backward(g, s, t, r);
-                               },
-                               g, self, target, reduction);
 }
 
 // ---- prelu (1.13's own rules are wrong; see compat::kReplacePreluBatchRules) --
@@ -275,13 +222,13 @@ std::vector<std::string> own_batch_rules() {
       names.push_back("aten::" + full);
     };
     add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
-    add("mse_loss_backward", "", TORCH_FN(mse_loss_backward_batched));
-    add("smooth_l1_loss", "", TORCH_FN(smooth_l1_loss_batched));
-    add("smooth_l1_loss_backward", "", TORCH_FN(smooth_l1_loss_backward_batched));
-    add("huber_loss", "", TORCH_FN(huber_loss_batched));
-    add("huber_loss_backward", "", TORCH_FN(huber_loss_backward_batched));
-    add("soft_margin_loss", "", TORCH_FN(soft_margin_loss_batched));
-    add("soft_margin_loss_backward", "", TORCH_FN(soft_margin_loss_backward_batched));
+    add("mse_loss_backward", "", TORCH_FN(loss_backward_rule<&at::mse_loss_backward>));
+    add("smooth_l1_loss", "", TORCH_FN((loss_rule<&at::smooth_l1_loss, double>)));
+    add("smooth_l1_loss_backward", "", TORCH_FN((loss_backward_rule<&at::smooth_l1_loss_backward, double>)));
+    add("huber_loss", "", TORCH_FN((loss_rule<&at::huber_loss, double>)));
+    add("huber_loss_backward", "", TORCH_FN((loss_backward_rule<&at::huber_loss_backward, double>)));
+    add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
+    add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
     if constexpr (compat::kReplacePreluBatchRules) {
       compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
       lib->impl("prelu", TORCH_FN(prelu_batched));
