@@ -8,6 +8,10 @@
 // and nn::GRU reach it through unsafe_chunk on their gates, so without this
 // rule they cannot run under vmap at all.
 //
+// aten::equal (missing; nn::MultiheadAttention and nn::Transformer* branch on
+// it, so without a rule they cannot run under vmap at all) and the upsample
+// backward ops (missing in 1.13: per-sample loops for every Upsample layer).
+//
 // aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
 // default one-element weight of nn::PReLU and for 1-D inputs).
 //
@@ -201,6 +205,54 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward_batched(const at::Tensor& grad
   return {ft::makeBatched(grad_self, 0, level), ft::makeBatched(grad_weight, 0, level)};
 }
 
+// ---- aten::equal ------------------------------------------------------------
+// One bool for two whole tensors: data-dependent control flow (nn::
+// MultiheadAttention's forward branches on it). Under vmap the answer must be
+// the same for every sample; then it is returned, otherwise it is an error
+// (the samples would take different branches). The whole-tensor question is
+// asked first, so nested vmaps answer it level by level.
+bool equal_batched(const at::Tensor& self, const at::Tensor& other) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("equal");
+  const int64_t batch = batch_size_at({&self, &other}, level);
+  if (batch < 0) return at::equal(self, other);
+  at::Tensor a = batch_first(self, level, batch), b = batch_first(other, level, batch);
+  if (a.sizes() != b.sizes()) return false;
+  if (at::equal(a, b)) return true;
+  int64_t equal_samples = 0;
+  for (int64_t i = 0; i < batch; ++i) equal_samples += at::equal(a.select(0, i), b.select(0, i)) ? 1 : 0;
+  TORCH_CHECK(equal_samples == 0, "torchfunc::vmap: torch::equal is true for ", equal_samples, " of ", batch,
+              " samples and false for the others; code that branches on it would take different paths for "
+              "different samples, which vmap cannot express. Make the condition the same for all samples, or "
+              "compute both branches and select with torch::where.");
+  return false;
+}
+
+// ---- upsample backward ops ----------------------------------------------------
+// grad_output [B, N, C, *spatial] is folded into [B*N, C, *spatial] (the ops
+// treat N as independent images) and the result unfolded again.
+template <class... Rest>
+struct UpsampleBackward {
+  using Fn = at::Tensor (*)(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, Rest...);
+  template <Fn Op>
+  static at::Tensor rule(const at::Tensor& grad_output, at::IntArrayRef output_size, at::IntArrayRef input_size,
+                         Rest... rest) {
+    c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+    const int64_t level = current_vmap_level("upsample backward");
+    auto* b = compat::batched_at(grad_output, level);
+    if (!b) return Op(grad_output, output_size, input_size, rest...);
+    at::Tensor g = b->value().movedim(b->bdim(), 0);
+    const int64_t batch = g.size(0);
+    std::vector<int64_t> folded(input_size.begin(), input_size.end());
+    folded[0] *= batch;
+    at::Tensor grad = Op(g.flatten(0, 1), output_size, folded, rest...);
+    std::vector<int64_t> shape{batch};
+    shape.insert(shape.end(), input_size.begin(), input_size.end());
+    return ft::makeBatched(grad.view(shape), 0, level);
+  }
+};
+using Scale = c10::optional<double>;
+
 // True if `name` exists and has no batching rule of its own.
 bool lacks_batch_rule(const char* name, const char* overload) {
   auto op = c10::Dispatcher::singleton().findSchema({name, overload});
@@ -229,6 +281,20 @@ std::vector<std::string> own_batch_rules() {
     add("huber_loss_backward", "", TORCH_FN((loss_backward_rule<&at::huber_loss_backward, double>)));
     add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
     add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
+    add("equal", "", TORCH_FN(equal_batched));
+    add("upsample_nearest1d_backward", "", TORCH_FN((UpsampleBackward<Scale>::rule<&at::upsample_nearest1d_backward>)));
+    add("upsample_nearest2d_backward", "",
+        TORCH_FN((UpsampleBackward<Scale, Scale>::rule<&at::upsample_nearest2d_backward>)));
+    add("upsample_nearest3d_backward", "",
+        TORCH_FN((UpsampleBackward<Scale, Scale, Scale>::rule<&at::upsample_nearest3d_backward>)));
+    add("upsample_linear1d_backward", "",
+        TORCH_FN((UpsampleBackward<bool, Scale>::rule<&at::upsample_linear1d_backward>)));
+    add("upsample_bilinear2d_backward", "",
+        TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bilinear2d_backward>)));
+    add("upsample_bicubic2d_backward", "",
+        TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bicubic2d_backward>)));
+    add("upsample_trilinear3d_backward", "",
+        TORCH_FN((UpsampleBackward<bool, Scale, Scale, Scale>::rule<&at::upsample_trilinear3d_backward>)));
     if constexpr (compat::kReplacePreluBatchRules) {
       compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
       lib->impl("prelu", TORCH_FN(prelu_batched));

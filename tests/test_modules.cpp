@@ -307,6 +307,72 @@ TEST_F(TF, PerSampleGradientsOfCnnAndLstm) {
   torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
 }
 
+TEST_F(TF, PerSampleGradientsOfTransformerAttentionAndUpsample) {
+  // nn::MultiheadAttention branches on torch::equal(query, key), which has no
+  // batching rule in libtorch (our rule: src/batch_rules.cpp); the upsample
+  // backward ops have none in 1.13 (ours fold the batch into N).
+  torch::set_default_dtype(caffe2::TypeMeta::Make<double>());
+  auto nll = [](const Tensor& out, const Tensor& y) { return torch::nll_loss(torch::log_softmax(out, 1), y); };
+  struct Encoder : nn::Module {  // self-attention: query, key and value are the same tensor
+    Encoder() {
+      layer = register_module("layer", nn::TransformerEncoderLayer(
+                                           nn::TransformerEncoderLayerOptions(8, 2).dim_feedforward(16).dropout(0)));
+      head = register_module("head", nn::Linear(8, 3));
+    }
+    Tensor forward(const Tensor& x) {  // x: [1, seq, 8]
+      return head(layer(x.transpose(0, 1)).mean(0));
+    }
+    nn::TransformerEncoderLayer layer{nullptr};
+    nn::Linear head{nullptr};
+  };
+  check_per_sample(std::make_shared<Encoder>(), torch::randn({4, 5, 8}), torch::randint(0, 3, {4}), nll);
+  struct CrossAttention : nn::Module {  // key/value: a learned memory, not the query
+    CrossAttention() {
+      attn = register_module("attn", nn::MultiheadAttention(nn::MultiheadAttentionOptions(8, 2)));
+      memory = register_parameter("memory", torch::randn({6, 1, 8}));
+      head = register_module("head", nn::Linear(8, 3));
+    }
+    Tensor forward(const Tensor& x) {
+      Tensor q = x.transpose(0, 1);
+      return head(std::get<0>(attn(q, memory, memory)).mean(0));
+    }
+    nn::MultiheadAttention attn{nullptr};
+    Tensor memory;
+    nn::Linear head{nullptr};
+  };
+  func::register_module_members<CrossAttention>(&CrossAttention::memory);
+  check_per_sample(std::make_shared<CrossAttention>(), torch::randn({4, 5, 8}), torch::randint(0, 3, {4}), nll);
+  struct UpNet : nn::Module {
+    UpNet() {
+      conv1 = register_module("conv1", nn::Conv2d(nn::Conv2dOptions(1, 2, 3)));
+      up1 = register_module("up1", nn::Upsample(nn::UpsampleOptions().scale_factor(std::vector<double>{2, 2})
+                                                    .mode(torch::kBilinear).align_corners(false)));
+      conv2 = register_module("conv2", nn::Conv2d(nn::Conv2dOptions(2, 2, 3)));
+      up2 = register_module("up2", nn::Upsample(nn::UpsampleOptions().scale_factor(std::vector<double>{2, 2})
+                                                    .mode(torch::kNearest)));
+      head = register_module("head", nn::Linear(2 * 8 * 8, 3));
+    }
+    Tensor forward(const Tensor& x) { return head(up2(conv2(up1(conv1(x)))).flatten(1)); }
+    nn::Conv2d conv1{nullptr}, conv2{nullptr};
+    nn::Upsample up1{nullptr}, up2{nullptr};
+    nn::Linear head{nullptr};
+  };
+  check_per_sample(std::make_shared<UpNet>(), torch::randn({4, 1, 5, 5}), torch::randint(0, 3, {4}), nll);
+  torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
+
+  // torch::equal under vmap: the common answer, or an error when samples differ.
+  auto branch = [](const Tensor& a, const Tensor& b) { return torch::equal(a, b) ? a : -a; };
+  Tensor xs = torch::randn({3, 4});
+  expect_close(func::vmap(branch)(xs, xs.clone()), xs, 0);
+  expect_close(func::vmap(branch)(xs, xs + 1), -xs, 0);
+  expect_close(func::vmap(branch, func::in_dims(0, func::none))(xs, xs[0] + 1), -xs, 0);
+  expect_close(func::vmap(func::vmap(branch))(xs.view({3, 2, 2}), xs.view({3, 2, 2}).clone()), xs.view({3, 2, 2}), 0);
+  Tensor mixed = xs.clone();
+  mixed[1] += 1;
+  EXPECT_ERROR(func::vmap(branch)(xs, mixed), "torch::equal is true for 2 of 3 samples");
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+}
+
 TEST_F(TF, UnsafeSplitUnderVmapMatchesLoop) {
   // Our batching rule: negative dims, the batch dim anywhere, nested vmap.
   Tensor x = torch::randn({4, 6, 3});
@@ -385,7 +451,8 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
   for (const char* op : {"aten::unsafe_split.Tensor", "aten::mse_loss_backward", "aten::smooth_l1_loss",
                          "aten::smooth_l1_loss_backward", "aten::huber_loss", "aten::huber_loss_backward",
                          "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu",
-                         "aten::prelu_backward"}) {
+                         "aten::prelu_backward", "aten::equal", "aten::upsample_nearest2d_backward",
+                         "aten::upsample_bilinear2d_backward"}) {
     EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
   }
 #endif
