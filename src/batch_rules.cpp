@@ -270,8 +270,14 @@ std::vector<std::string> own_batch_rules() {
     auto add = [&](const char* op, const char* overload, auto kernel) {
       if (!lacks_batch_rule((std::string("aten::") + op).c_str(), overload)) return;
       const std::string full = *overload ? std::string(op) + "." + overload : std::string(op);
-      lib->impl(full.c_str(), std::move(kernel));
-      names.push_back("aten::" + full);
+      try {
+        lib->impl(full.c_str(), std::move(kernel));
+        names.push_back("aten::" + full);
+      } catch (const c10::Error&) {
+        // A libtorch whose schema for this op differs from the signature
+        // here: it keeps its fallback (slower, still correct). The tests
+        // check that every rule registers on the libtorch we build against.
+      }
     };
     add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
     add("mse_loss_backward", "", TORCH_FN(loss_backward_rule<&at::mse_loss_backward>));
