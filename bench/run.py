@@ -77,7 +77,7 @@ def main():
             env["MALLOC_MMAP_THRESHOLD_"] = str(32 << 20)
             env["MALLOC_TRIM_THRESHOLD_"] = str(256 << 20)
         if malloc == "cache":
-            env["TORCHFUNC_CACHING_ALLOCATOR"] = "1"  # read by torchfunc_bench only
+            env["TORCHFUNC_CACHING_ALLOCATOR"] = "1"  # read by torchfunc (Python ignores it)
         if malloc == "thp":
             env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
         for threads in [int(t) for t in a.threads.split(",")]:

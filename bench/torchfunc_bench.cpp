@@ -334,7 +334,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "intra-op threads")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(threads);
-  // bench/run.py's "cache" mode: torchfunc's opt-in caching CPU allocator.
+  // bench/run.py's "cache" mode: torchfunc's opt-in caching CPU allocator
+  // (torchfunc would switch at the first transform; here it covers set-up too).
   const char* cache = std::getenv("TORCHFUNC_CACHING_ALLOCATOR");
   if (cache && std::string(cache) == "1") func::use_caching_cpu_allocator();
   auto cases = all_cases();

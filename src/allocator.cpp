@@ -1,5 +1,8 @@
 #include <torchfunc/allocator.h>
 
+#include <cstdlib>
+#include <string>
+
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
@@ -145,6 +148,18 @@ void use_default_cpu_allocator() {
   mallopt(M_TRIM_THRESHOLD, kGlibcDefaultThreshold);
   malloc_trim(0);
 }
+
+namespace detail {
+void use_allocator_from_environment() {
+  static const bool checked = [] {
+    const char* v = std::getenv("TORCHFUNC_CACHING_ALLOCATOR");
+    const std::string value = v ? v : "";
+    if (value == "1" || value == "true" || value == "on") use_caching_cpu_allocator();
+    return true;
+  }();
+  (void)checked;
+}
+}  // namespace detail
 
 CachingAllocatorStats caching_cpu_allocator_stats() { return CachingCpuAllocator::instance().stats(); }
 

@@ -46,6 +46,7 @@ void fail(const std::string& msg) { TORCH_CHECK(false, "torchfunc::", msg); }
 
 // Registers the batching rules libtorch lacks, once (src/batch_rules.cpp).
 void ensure_batch_rules();
+void use_allocator_from_environment();  // allocator.cpp: TORCHFUNC_CACHING_ALLOCATOR
 
 // ---- small helpers ------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class LayerGuard {
  public:
   template <class Push>
   explicit LayerGuard(Push&& push) : depth_(compat::layer_depth()) {
+    use_allocator_from_environment();
     level_ = push();
   }
   ~LayerGuard() {

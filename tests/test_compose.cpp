@@ -226,3 +226,19 @@ TEST_F(TF, CachingAllocatorReusesLargeBlocksAndKeepsResultsRight) {
   EXPECT_EQ(func::caching_cpu_allocator_stats().misses, s1.misses) << "new tensors bypass the cache";
   EXPECT_TRUE(torch::allclose(func::vmap(func::grad(f), func::in_dims(func::none, 0))(w, xs), before, 1e-4, 1e-4));
 }
+
+// TORCHFUNC_CACHING_ALLOCATOR=1: the first transform switches to the caching
+// allocator. ctest's env.caching_allocator runs this alone in a fresh process
+// with the variable set; elsewhere it is skipped.
+TEST(Environment, CachingAllocatorFromEnvironment) {
+  const char* v = std::getenv("TORCHFUNC_CACHING_ALLOCATOR");
+  if (!v || std::string(v) != "1") GTEST_SKIP() << "needs TORCHFUNC_CACHING_ALLOCATOR=1 (ctest env.caching_allocator)";
+  const auto before = func::caching_cpu_allocator_stats();
+  Tensor x = torch::randn({512, 1024});  // before any transform: the default allocator
+  EXPECT_EQ(func::caching_cpu_allocator_stats().misses, before.misses);
+  Tensor y = func::vmap([](const Tensor& r) { return r * 2; })(x);  // 2 MiB result, through the cache
+  const auto after = func::caching_cpu_allocator_stats();
+  EXPECT_GT(after.hits + after.misses, before.hits + before.misses);
+  expect_close(y, x * 2, 0);
+  func::use_default_cpu_allocator();
+}

@@ -52,7 +52,8 @@ struct Config {
   double momentum = -1;
   double delta = 1e-5;
   double target_epsilon = 0;  // if > 0: choose sigma so the run ends at this epsilon
-  int64_t physical_batch = 256; // larger chunks are slower here: their buffers go back to the OS each time  // per-sample gradients are computed in chunks of this size
+  int64_t physical_batch = 256;  // per-sample gradients are computed in chunks of this size
+  bool caching_allocator = true;  // CPU: torchfunc::use_caching_cpu_allocator() (no page faults per chunk)
   int64_t train_limit = 0;        // use only the first n training examples (0 = all)
   uint64_t seed = 0;
   int threads = 0;
@@ -214,6 +215,9 @@ int run(Config& c) {
   torch::Device device = torch::kCPU;
   if (c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())) device = torch::kCUDA;
   else if (c.device != "cpu" && c.device != "auto") throw std::invalid_argument("unknown --device '" + c.device + "'");
+  // Each chunk of per-sample gradients is tens of MB of fresh memory; glibc
+  // hands it back to the kernel after every step and faults it in again.
+  if (device.is_cpu() && c.caching_allocator) torchfunc::use_caching_cpu_allocator();
   torch::manual_seed(c.seed);
 
   auto train_set = dpsgd::load_split(c.data_dir, "train");
@@ -234,8 +238,9 @@ int run(Config& c) {
 
   std::printf("torchfunc-dpsgd: %s training of a %s CNN on Fashion-MNIST (%lld train, %lld test images)\n",
               c.non_private ? "NON-PRIVATE" : "DP-SGD", c.activation.c_str(), (long long)n, (long long)test.x.size(0));
-  std::printf("  device %s, %d threads, libtorch %s, seed %llu\n", device.str().c_str(), torch::get_num_threads(),
-              TORCH_VERSION, (unsigned long long)c.seed);
+  std::printf("  device %s, %d threads, libtorch %s, seed %llu%s\n", device.str().c_str(), torch::get_num_threads(),
+              TORCH_VERSION, (unsigned long long)c.seed,
+              device.is_cpu() && c.caching_allocator ? ", caching CPU allocator" : "");
   std::printf("  epochs %d, batch %lld (q = %.5f, %lld steps/epoch), lr %g, momentum %g", c.epochs,
               (long long)c.batch_size, q, (long long)steps_per_epoch, c.lr, c.momentum);
   if (!c.non_private) std::printf(", clip C = %g, noise sigma = %.4g, delta = %g", c.clip, c.noise, c.delta);
@@ -283,7 +288,7 @@ int run(Config& c) {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"delta", c.delta}, {"seed", c.seed},
                   {"activation", c.activation}, {"non_private", c.non_private}, {"train_examples", n},
-                  {"threads", torch::get_num_threads()}, {"device", device.str()}}},
+                  {"threads", torch::get_num_threads()}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
       {"final", records.back()},
       {"wall_seconds", wall}};
@@ -326,6 +331,8 @@ int main(int argc, char** argv) {
   app.add_option("--seed", c.seed, "random seed")->capture_default_str();
   app.add_option("--threads", c.threads, "intra-op threads (default: all cores)");
   app.add_option("--device", c.device, "cpu, cuda or auto")->capture_default_str();
+  app.add_flag("--caching-allocator,!--no-caching-allocator", c.caching_allocator,
+               "CPU: allocate through torchfunc::use_caching_cpu_allocator() (default on)");
   app.add_flag("--non-private", c.non_private, "plain minibatch SGD, no clipping, no noise (for comparison)");
   CLI11_PARSE(app, argc, argv);
   try {

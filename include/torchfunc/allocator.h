@@ -26,6 +26,9 @@ struct CachingAllocatorStats {
 /// the OS. Also raises glibc malloc's mmap and trim thresholds (32 MiB and
 /// 256 MiB) for the whole process. Call once, early, from the program (not
 /// from a library).
+///
+/// Without code changes: run the program with TORCHFUNC_CACHING_ALLOCATOR=1
+/// in its environment; the first transform it runs then makes this call.
 void use_caching_cpu_allocator(size_t max_cached_bytes = size_t(4) << 30);
 
 /// Goes back to libtorch's default CPU allocator for new tensors, returns the
