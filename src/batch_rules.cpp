@@ -16,10 +16,11 @@
 // default one-element weight of nn::PReLU and for 1-D inputs).
 //
 // Pointwise losses and their backward ops (mse_loss_backward, smooth_l1_loss,
-// huber_loss, soft_margin_loss and their backwards): missing in 1.13, and in
-// 2.x covered only by Python-side decompositions, so a C++ program gets the
-// fallback (a loop over samples and a warning). Every per-sample grad of an
-// MSE or Huber loss goes through them.
+// huber_loss, soft_margin_loss and their backwards): missing in 1.13 (a loop
+// over samples and a warning); torch 2.x covers the mse/smooth_l1/huber
+// backwards with decompositions registered from Python only, so a C++-only
+// program may lack them there too (the run-time check decides). Every
+// per-sample grad of an MSE or Huber loss goes through them.
 #include "compat.h"
 
 #include <ATen/Functions.h>
