@@ -10,7 +10,8 @@
 //
 // aten::equal (missing; nn::MultiheadAttention and nn::Transformer* branch on
 // it, so without a rule they cannot run under vmap at all) and the upsample
-// backward ops (missing in 1.13: per-sample loops for every Upsample layer).
+// backward ops and max_pool3d_with_indices (+ backward) (missing in 1.13:
+// per-sample loops for every Upsample / MaxPool3d layer).
 //
 // aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
 // default one-element weight of nn::PReLU and for 1-D inputs).
@@ -254,6 +255,49 @@ struct UpsampleBackward {
 };
 using Scale = c10::optional<double>;
 
+// ---- max_pool3d_with_indices (+ backward) ----------------------------------
+// Pooling treats images independently: [B, C, D, H, W] (per-sample input
+// without N) is an ordinary batch, and [B, N, ...] folds into [B*N, ...].
+// Indices are positions inside one image, so they survive the folding.
+at::Tensor fold_images(const at::Tensor& t) { return t.dim() == 6 ? t.flatten(0, 1) : t; }
+at::Tensor unfold_images(const at::Tensor& t, const at::Tensor& like) {
+  if (like.dim() != 6) return t;
+  std::vector<int64_t> shape{like.size(0), like.size(1)};
+  shape.insert(shape.end(), t.sizes().begin() + 1, t.sizes().end());
+  return t.view(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool3d_batched(const at::Tensor& self, at::IntArrayRef kernel,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, bool ceil_mode) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("max_pool3d_with_indices");
+  auto* b = compat::batched_at(self, level);
+  if (!b) return at::max_pool3d_with_indices(self, kernel, stride, padding, dilation, ceil_mode);
+  at::Tensor x = b->value().movedim(b->bdim(), 0);
+  TORCH_CHECK(x.dim() == 5 || x.dim() == 6, "max_pool3d: Expected 4D or 5D tensor for input, but got a ",
+              x.dim() - 1, "-D tensor per sample");
+  auto [out, idx] = at::max_pool3d_with_indices(fold_images(x), kernel, stride, padding, dilation, ceil_mode);
+  return {ft::makeBatched(unfold_images(out, x), 0, level), ft::makeBatched(unfold_images(idx, x), 0, level)};
+}
+
+at::Tensor max_pool3d_backward_batched(const at::Tensor& grad_output, const at::Tensor& self, at::IntArrayRef kernel,
+                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                       bool ceil_mode, const at::Tensor& indices) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("max_pool3d_with_indices_backward");
+  const int64_t batch = batch_size_at({&grad_output, &self, &indices}, level);
+  if (batch < 0) {
+    return at::max_pool3d_with_indices_backward(grad_output, self, kernel, stride, padding, dilation, ceil_mode,
+                                                indices);
+  }
+  at::Tensor x = batch_first(self, level, batch);
+  at::Tensor g = batch_first(grad_output, level, batch), idx = batch_first(indices, level, batch);
+  at::Tensor grad = at::max_pool3d_with_indices_backward(fold_images(g), fold_images(x).contiguous(), kernel, stride,
+                                                         padding, dilation, ceil_mode, fold_images(idx));
+  return ft::makeBatched(unfold_images(grad, x), 0, level);
+}
+
 // True if `name` exists and has no batching rule of its own.
 bool lacks_batch_rule(const char* name, const char* overload) {
   auto op = c10::Dispatcher::singleton().findSchema({name, overload});
@@ -289,6 +333,8 @@ std::vector<std::string> own_batch_rules() {
     add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
     add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
     add("equal", "", TORCH_FN(equal_batched));
+    add("max_pool3d_with_indices", "", TORCH_FN(max_pool3d_batched));
+    add("max_pool3d_with_indices_backward", "", TORCH_FN(max_pool3d_backward_batched));
     add("upsample_nearest1d_backward", "", TORCH_FN((UpsampleBackward<Scale>::rule<&at::upsample_nearest1d_backward>)));
     add("upsample_nearest2d_backward", "",
         TORCH_FN((UpsampleBackward<Scale, Scale>::rule<&at::upsample_nearest2d_backward>)));

@@ -373,6 +373,26 @@ TEST_F(TF, PerSampleGradientsOfTransformerAttentionAndUpsample) {
   EXPECT_EQ(func::detail::layer_depth(), 0u);
 }
 
+TEST_F(TF, PerSampleGradientsThroughMaxPool3d) {
+  // max_pool3d_with_indices (+ backward) have no batching rule in 1.13; ours
+  // fold the batch into the images. Per-sample inputs with and without N.
+  torch::set_default_dtype(caffe2::TypeMeta::Make<double>());  // no pooling near-ties
+  auto nll = [](const Tensor& out, const Tensor& y) { return torch::nll_loss(torch::log_softmax(out, 1), y); };
+  auto net = std::make_shared<nn::SequentialImpl>(nn::Conv3d(nn::Conv3dOptions(1, 2, 2)), nn::MaxPool3d(2), nn::Flatten(),
+                                                  nn::Linear(2 * 2 * 2 * 2, 3));
+  check_per_sample(net, torch::randn({4, 1, 5, 5, 5}), torch::randint(0, 3, {4}), nll);
+  Tensor xs = torch::randn({3, 2, 4, 4, 6});  // per sample [C, D, H, W]
+  auto pool = [](const Tensor& x) { return torch::max_pool3d(x, {2, 2, 3}).pow(2).sum(); };
+  Tensor g = func::vmap(func::grad(pool))(xs);
+  Tensor out = func::vmap([](const Tensor& x) { return torch::max_pool3d(x, 2); })(xs);
+  for (int64_t i = 0; i < 3; ++i) {
+    Tensor xr = xs[i].detach().requires_grad_(true);
+    expect_close(g[i], torch::autograd::grad({pool(xr)}, {xr})[0], 1e-12);
+    expect_close(out[i], torch::max_pool3d(xs[i], 2), 0);
+  }
+  torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
+}
+
 TEST_F(TF, UnsafeSplitUnderVmapMatchesLoop) {
   // Our batching rule: negative dims, the batch dim anywhere, nested vmap.
   Tensor x = torch::randn({4, 6, 3});
@@ -452,7 +472,8 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
                          "aten::smooth_l1_loss_backward", "aten::huber_loss", "aten::huber_loss_backward",
                          "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu",
                          "aten::prelu_backward", "aten::equal", "aten::upsample_nearest2d_backward",
-                         "aten::upsample_bilinear2d_backward"}) {
+                         "aten::upsample_bilinear2d_backward", "aten::max_pool3d_with_indices",
+                         "aten::max_pool3d_with_indices_backward"}) {
     EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
   }
 #endif
