@@ -14,7 +14,8 @@
 // per-sample loops for every Upsample / MaxPool3d layer).
 //
 // aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
-// default one-element weight of nn::PReLU and for 1-D inputs).
+// default one-element weight of nn::PReLU and for 1-D inputs) and aten::
+// mse_loss (replaced on 1.13, whose rule fails when the target broadcasts).
 //
 // Pointwise losses and their backward ops (mse_loss_backward, smooth_l1_loss,
 // huber_loss, soft_margin_loss and their backwards): missing in 1.13 (a loop
@@ -141,7 +142,7 @@ at::Tensor loss_backward_rule(const at::Tensor& grad_output, const at::Tensor& s
   return ft::makeBatched(scale_backward(grad, reduction), 0, level);
 }
 
-// ---- prelu (1.13's own rules are wrong; see compat::kReplacePreluBatchRules) --
+// ---- prelu (1.13's own rules are wrong; see compat::kReplaceBrokenBatchRules) --
 // Per sample, prelu(x, w) = x > 0 ? x : w * x with w broadcast along x's
 // channel dim (dim 1 when x has rank >= 2), and w has 1 element or one per
 // channel. The rules work on [B, ...] layouts: batch first, unbatched
@@ -348,11 +349,12 @@ std::vector<std::string> own_batch_rules() {
         TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bicubic2d_backward>)));
     add("upsample_trilinear3d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale, Scale, Scale>::rule<&at::upsample_trilinear3d_backward>)));
-    if constexpr (compat::kReplacePreluBatchRules) {
+    if constexpr (compat::kReplaceBrokenBatchRules) {
       compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
       lib->impl("prelu", TORCH_FN(prelu_batched));
       lib->impl("prelu_backward", TORCH_FN(prelu_backward_batched));
-      names.insert(names.end(), {"aten::prelu", "aten::prelu_backward"});
+      lib->impl("mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
+      names.insert(names.end(), {"aten::prelu", "aten::prelu_backward", "aten::mse_loss"});
     }
     return names;
   }();

@@ -32,11 +32,12 @@ inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
 
 // libtorch 1.13's own batching rules for prelu / prelu_backward are wrong for
 // a one-element weight (nn::PReLU's default) and for 1-D inputs (an error or
-// an internal assert). torchfunc replaces them there (src/batch_rules.cpp).
-constexpr bool kReplacePreluBatchRules = TORCH_VERSION_MAJOR < 2;
+// an internal assert), and its mse_loss rule fails when the target broadcasts
+// against the input. torchfunc replaces them there (src/batch_rules.cpp).
+constexpr bool kReplaceBrokenBatchRules = TORCH_VERSION_MAJOR < 2;
 
 // Drops c10 warnings while alive (the dispatcher warns when a kernel replaces
-// another, which is what kReplacePreluBatchRules does on purpose).
+// another, which is what kReplaceBrokenBatchRules does on purpose).
 class QuietWarnings : public c10::WarningHandler {
  public:
   QuietWarnings() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }

@@ -461,6 +461,27 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
       expect_close(g_outer, torch::autograd::grad({total}, {wr})[0], 1e-12);
     }
   }
+  // A target that broadcasts against each sample's input (1.13's own
+  // mse_loss rule fails here), and two nested vmaps.
+  Tensor preds = torch::randn({5, 3, 4}, torch::kDouble);
+  for (const auto& [name, loss] : losses) {
+    SCOPED_TRACE(name + ", broadcast target");
+    auto per = [&, loss = loss](const Tensor& p) { return loss(p * p, y0, at::Reduction::Mean); };
+    Tensor v = func::vmap(per)(preds);
+    Tensor g = func::vmap(func::grad(per))(preds);
+    Tensor gg = func::vmap(func::vmap(func::grad([&, loss = loss](const Tensor& p) {
+      return loss(p * p, y0, at::Reduction::Sum);
+    })))(preds);
+    for (int64_t i = 0; i < 5; ++i) {
+      expect_close(v[i], per(preds[i]), 1e-12);
+      Tensor pr = preds[i].detach().requires_grad_(true);
+      expect_close(g[i], torch::autograd::grad({per(pr)}, {pr})[0], 1e-12);
+      for (int64_t j = 0; j < 3; ++j) {
+        Tensor pj = preds[i][j].detach().requires_grad_(true);
+        expect_close(gg[i][j], torch::autograd::grad({loss(pj * pj, y0, at::Reduction::Sum)}, {pj})[0], 1e-12);
+      }
+    }
+  }
   // Per-sample Hessian of sum((W x - y)^2) in x: 2 W^T W, through the
   // backward of mse_loss_backward under vmap.
   Tensor h = func::vmap(func::hessian([&](const Tensor& x, const Tensor& y) { return at::mse_loss(torch::mv(w, x), y, at::Reduction::Sum); }))(xs, ys);
@@ -470,7 +491,7 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
   auto own = func::detail::own_batch_rules();
   for (const char* op : {"aten::unsafe_split.Tensor", "aten::mse_loss_backward", "aten::smooth_l1_loss",
                          "aten::smooth_l1_loss_backward", "aten::huber_loss", "aten::huber_loss_backward",
-                         "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu",
+                         "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu", "aten::mse_loss",
                          "aten::prelu_backward", "aten::equal", "aten::upsample_nearest2d_backward",
                          "aten::upsample_bilinear2d_backward", "aten::max_pool3d_with_indices",
                          "aten::max_pool3d_with_indices_backward"}) {
