@@ -13,6 +13,9 @@
 // backward ops and max_pool3d_with_indices (+ backward) (missing in 1.13:
 // per-sample loops for every Upsample / MaxPool3d layer).
 //
+// aten::rrelu_with_noise (+ backward): nn::RReLU in eval mode (1.13 refuses
+// it under vmap as a random op).
+//
 // aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
 // default one-element weight of nn::PReLU and for 1-D inputs) and aten::
 // mse_loss (replaced on 1.13, whose rule fails when the target broadcasts).
@@ -299,6 +302,35 @@ at::Tensor max_pool3d_backward_batched(const at::Tensor& grad_output, const at::
   return ft::makeBatched(unfold_images(grad, x), 0, level);
 }
 
+// ---- rrelu_with_noise (nn::RReLU; 1.13 rejects it under vmap) ---------------
+// 1.13 lists it among the random ops vmap refuses (a FuncTorchVmapMode kernel),
+// even in eval mode, where RReLU is deterministic: leaky_relu with the mean
+// slope. Eval mode is decomposed so; training mode (a random slope per
+// element) stays an error.
+at::Tensor rrelu_with_noise_vmap_mode(const at::Tensor& self, const at::Tensor& noise, const at::Scalar& lower,
+                                      const at::Scalar& upper, bool training, c10::optional<at::Generator> generator) {
+  TORCH_CHECK(!training, "torchfunc::vmap: RReLU in training mode draws a random slope per element, which is not "
+                         "supported under vmap; use eval mode (the mean slope) or LeakyReLU.");
+  (void)noise;
+  (void)generator;
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchVmapMode);
+  return at::leaky_relu(self, (lower.toDouble() + upper.toDouble()) / 2);
+}
+
+// Its backward in eval mode is leaky_relu's (what ATen computes too).
+at::Tensor rrelu_with_noise_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
+                                             const at::Tensor& noise, const at::Scalar& lower,
+                                             const at::Scalar& upper, bool training, bool self_is_result) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("rrelu_with_noise_backward");
+  const int64_t batch = batch_size_at({&grad_output, &self}, level);
+  if (batch < 0) return at::rrelu_with_noise_backward(grad_output, self, noise, lower, upper, training, self_is_result);
+  TORCH_CHECK(!training, "torchfunc::vmap: RReLU in training mode is not supported under vmap.");
+  at::Tensor grad = at::leaky_relu_backward(batch_first(grad_output, level, batch), batch_first(self, level, batch),
+                                            (lower.toDouble() + upper.toDouble()) / 2, self_is_result);
+  return ft::makeBatched(grad, 0, level);
+}
+
 // True if `name` exists and has no batching rule of its own.
 bool lacks_batch_rule(const char* name, const char* overload) {
   auto op = c10::Dispatcher::singleton().findSchema({name, overload});
@@ -334,6 +366,7 @@ std::vector<std::string> own_batch_rules() {
     add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
     add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
     add("equal", "", TORCH_FN(equal_batched));
+    add("rrelu_with_noise_backward", "", TORCH_FN(rrelu_with_noise_backward_batched));
     add("max_pool3d_with_indices", "", TORCH_FN(max_pool3d_batched));
     add("max_pool3d_with_indices_backward", "", TORCH_FN(max_pool3d_backward_batched));
     add("upsample_nearest1d_backward", "", TORCH_FN((UpsampleBackward<Scale>::rule<&at::upsample_nearest1d_backward>)));
@@ -355,6 +388,10 @@ std::vector<std::string> own_batch_rules() {
       lib->impl("prelu_backward", TORCH_FN(prelu_backward_batched));
       lib->impl("mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
       names.insert(names.end(), {"aten::prelu", "aten::prelu_backward", "aten::mse_loss"});
+      static auto vmap_mode = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
+                                                               c10::DispatchKey::FuncTorchVmapMode, __FILE__, __LINE__);
+      vmap_mode->impl("rrelu_with_noise", TORCH_FN(rrelu_with_noise_vmap_mode));
+      names.push_back("aten::rrelu_with_noise");
     }
     return names;
   }();

@@ -393,6 +393,23 @@ TEST_F(TF, PerSampleGradientsThroughMaxPool3d) {
   torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
 }
 
+TEST_F(TF, RReluUnderVmap) {
+  // libtorch 1.13 refuses rrelu_with_noise under vmap as a random op even in
+  // eval mode, where it is leaky_relu with the mean slope; torchfunc allows
+  // eval mode. Training mode (aten::rrelu, random slopes) stays an error.
+  torch::set_default_dtype(caffe2::TypeMeta::Make<double>());
+  auto net = std::make_shared<nn::SequentialImpl>(nn::Linear(4, 6), nn::RReLU(), nn::Linear(6, 3));
+  net->eval();
+  auto nll = [](const Tensor& out, const Tensor& y) { return torch::nll_loss(torch::log_softmax(out, 1), y); };
+  check_per_sample(net, torch::randn({5, 4}), torch::randint(0, 3, {5}), nll);
+  net->train();
+  TensorDict params = func::named_parameters(net);
+  EXPECT_ERROR(func::vmap([&](const Tensor& x) { return func::functional_call(net, params, x); })(torch::randn({5, 4})),
+               "rrelu");  // libtorch's own refusal of aten::rrelu (training mode draws random slopes)
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+  torch::set_default_dtype(caffe2::TypeMeta::Make<float>());
+}
+
 TEST_F(TF, UnsafeSplitUnderVmapMatchesLoop) {
   // Our batching rule: negative dims, the batch dim anywhere, nested vmap.
   Tensor x = torch::randn({4, 6, 3});
@@ -494,7 +511,8 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
                          "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu", "aten::mse_loss",
                          "aten::prelu_backward", "aten::equal", "aten::upsample_nearest2d_backward",
                          "aten::upsample_bilinear2d_backward", "aten::max_pool3d_with_indices",
-                         "aten::max_pool3d_with_indices_backward"}) {
+                         "aten::max_pool3d_with_indices_backward", "aten::rrelu_with_noise",
+                         "aten::rrelu_with_noise_backward"}) {
     EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
   }
 #endif
