@@ -51,6 +51,24 @@ int64_t current_vmap_level(const char* op) {
   return layer->layerId();
 }
 
+// The batch size of the first operand batched at `level` (null entries are
+// skipped); -1 if none is.
+int64_t batch_size_at(std::initializer_list<const at::Tensor*> ts, int64_t level) {
+  for (const at::Tensor* t : ts)
+    if (t)
+      if (auto* b = compat::batched_at(*t, level)) return b->value().size(b->bdim());
+  return -1;
+}
+
+// The [B, ...] layout the rules below work on: batch dim first; an operand
+// not batched at `level` is expanded to B as a view.
+at::Tensor batch_first(const at::Tensor& t, int64_t level, int64_t batch) {
+  if (auto* b = compat::batched_at(t, level)) return b->value().movedim(b->bdim(), 0);
+  std::vector<int64_t> shape{batch};
+  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
+  return t.unsqueeze(0).expand(shape);
+}
+
 std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t split_size, int64_t dim) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
   const int64_t level = current_vmap_level("unsafe_split");
@@ -73,36 +91,22 @@ std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t spl
 // applies the reduction per sample.
 
 struct Aligned {
-  std::array<at::Tensor, 3> t;  // physical [B, ...] operands
+  std::array<at::Tensor, 3> t;  // physical [B, ...] operands, set only if batch >= 0
   int64_t batch = -1;            // -1: nothing is batched at this level
 };
 
 Aligned align(std::array<const at::Tensor*, 3> in, int64_t level) {
   Aligned out;
-  int64_t rank = 0;
-  std::array<bool, 3> batched{};
-  for (size_t i = 0; i < in.size(); ++i) {
-    if (!in[i]) continue;
-    if (auto* b = compat::batched_at(*in[i], level)) {
-      out.t[i] = b->value().movedim(b->bdim(), 0);
-      out.batch = out.t[i].size(0);
-      batched[i] = true;
-      rank = std::max<int64_t>(rank, out.t[i].dim() - 1);
-    } else {
-      out.t[i] = *in[i];
-      rank = std::max<int64_t>(rank, out.t[i].dim());
-    }
-  }
+  out.batch = batch_size_at({in[0], in[1], in[2]}, level);
   if (out.batch < 0) return out;
+  int64_t rank = 0;  // the largest per-sample rank
   for (size_t i = 0; i < in.size(); ++i) {
     if (!in[i]) continue;
-    at::Tensor& t = out.t[i];
-    if (!batched[i]) t = t.unsqueeze(0);
-    while (t.dim() < rank + 1) t = t.unsqueeze(1);
-    std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
-    shape[0] = out.batch;
-    t = t.expand(shape);
+    out.t[i] = batch_first(*in[i], level, out.batch);
+    rank = std::max<int64_t>(rank, out.t[i].dim() - 1);
   }
+  for (size_t i = 0; i < in.size(); ++i)
+    while (in[i] && out.t[i].dim() < rank + 1) out.t[i] = out.t[i].unsqueeze(1);
   return out;
 }
 
@@ -148,21 +152,7 @@ at::Tensor loss_backward_rule(const at::Tensor& grad_output, const at::Tensor& s
 // ---- prelu (1.13's own rules are wrong; see compat::kReplaceBrokenBatchRules) --
 // Per sample, prelu(x, w) = x > 0 ? x : w * x with w broadcast along x's
 // channel dim (dim 1 when x has rank >= 2), and w has 1 element or one per
-// channel. The rules work on [B, ...] layouts: batch first, unbatched
-// operands expanded as views.
-
-at::Tensor batch_first(const at::Tensor& t, int64_t level, int64_t batch) {
-  if (auto* b = compat::batched_at(t, level)) return b->value().movedim(b->bdim(), 0);
-  std::vector<int64_t> shape{batch};
-  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
-  return t.unsqueeze(0).expand(shape);
-}
-
-int64_t batch_size_at(std::initializer_list<const at::Tensor*> ts, int64_t level) {
-  for (const at::Tensor* t : ts)
-    if (auto* b = compat::batched_at(*t, level)) return b->value().size(b->bdim());
-  return -1;
-}
+// channel.
 
 // w [B, *w_shape] viewed to broadcast against x [B, *S].
 at::Tensor prelu_weight_view(const at::Tensor& x, const at::Tensor& w) {
@@ -339,7 +329,7 @@ bool lacks_batch_rule(const char* name, const char* overload) {
 
 }  // namespace
 
-std::vector<std::string> own_batch_rules() {
+const std::vector<std::string>& own_batch_rules() {
   static const std::vector<std::string> registered = [] {
     std::vector<std::string> names;
     // Registrations live as long as this object: the whole process.

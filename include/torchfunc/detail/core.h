@@ -109,7 +109,7 @@ size_t layer_depth();
 /// The batching rules torchfunc registered because this libtorch has none
 /// (src/batch_rules.cpp), e.g. "aten::mse_loss_backward". Registers them on
 /// first use; vmap does so too.
-std::vector<std::string> own_batch_rules();
+const std::vector<std::string>& own_batch_rules();
 
 // ---- errors ------------------------------------------------------------------
 /// Throws c10::Error with "torchfunc::" + msg.
