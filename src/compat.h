@@ -11,6 +11,7 @@
 #include <ATen/functorch/DynamicLayer.h>
 #include <ATen/functorch/TensorWrapper.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/version.h>
 
 #include <cstdint>
@@ -85,6 +86,10 @@ inline ft::BatchedTensorImpl* batched_at(const at::Tensor& t, int64_t level) {
 }
 
 inline ft::TensorWrapper* wrapper_of(const at::Tensor& t) { return ft::maybeGetTensorWrapper(t); }
+
+/// True while this thread runs an autograd backward pass (the engine sets the
+/// current graph task on its CPU and device threads). Same spelling in 2.x.
+inline bool inside_autograd_backward() { return torch::autograd::get_current_graph_task_nodes_in_graph() != nullptr; }
 
 /// The wrapped value if t is a TensorWrapper of `level` (alive or not).
 inline at::Tensor unwrap_grad(const at::Tensor& t, int64_t level) {

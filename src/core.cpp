@@ -47,6 +47,7 @@ void fail(const std::string& msg) { TORCH_CHECK(false, "torchfunc::", msg); }
 // Registers the batching rules libtorch lacks, once (src/batch_rules.cpp).
 void ensure_batch_rules();
 void use_allocator_from_environment();  // allocator.cpp: TORCHFUNC_CACHING_ALLOCATOR
+void ensure_escape_check();             // escaped.cpp: escaped grad-level tensors raise
 
 // ---- small helpers ------------------------------------------------------------
 
@@ -106,6 +107,7 @@ class LayerGuard {
   template <class Push>
   explicit LayerGuard(Push&& push) : depth_(compat::layer_depth()) {
     use_allocator_from_environment();
+    ensure_escape_check();
     level_ = push();
   }
   ~LayerGuard() {

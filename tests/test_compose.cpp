@@ -151,15 +151,55 @@ TEST_F(TF, EscapedTensors) {
   EXPECT_TRUE(threw);
   EXPECT_EQ(func::detail::layer_depth(), 0u);
 
-  // A grad-wrapped tensor used after its grad has ended behaves as its plain
-  // value (as in torch.func: a dead wrapper unwraps itself).
-  Tensor x = torch::randn({3});
+  // A grad-level tensor used after its transform has returned: an error that
+  // names the problem (torch.func would silently use its plain value and lose
+  // the gradient link).
+  Tensor x = torch::randn({3}, torch::kDouble);
   Tensor leaked;
-  func::grad([&](const Tensor& t) {
+  Tensor g = func::grad([&](const Tensor& t) {
     leaked = t * 2;
-    return t.sum();
+    return (t * t).sum();
   })(x);
-  expect_close(leaked + 1, x * 2 + 1);
+  expect_close(g, 2 * x, 1e-12);
+  EXPECT_EQ(leaked.sizes(), x.sizes());  // metadata stays readable
+  EXPECT_ERROR(leaked + 1, "escaped a grad-family transform");
+  EXPECT_ERROR(leaked.sum().item<double>(), "aten::sum");
+  EXPECT_ERROR(torch::cat({x, leaked}), "aten::cat");  // inside a Tensor[] argument
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+  expect_close(func::grad([](const Tensor& t) { return t.sin().sum(); })(x), x.cos(), 1e-12);
+
+  // The same for jvp's dual tensors, vjp, jacrev and hessian.
+  Tensor leaked_jvp, leaked_vjp, leaked_jac, leaked_hess;
+  func::jvp([&](const Tensor& t) { return leaked_jvp = t.sin(); }, std::tuple{x}, std::tuple{torch::ones_like(x)});
+  EXPECT_ERROR(leaked_jvp * 2, "escaped a grad-family transform");
+  auto [y, vjp_fn] = func::vjp([&](const Tensor& t) {
+    leaked_vjp = t.exp();
+    return (leaked_vjp * t).sum();
+  }, x);
+  EXPECT_ERROR(leaked_vjp.neg(), "escaped a grad-family transform");
+  // vjp_fn runs the recorded graph after vjp has returned: the graph's own
+  // saved tensors are not escaped ones.
+  auto [gx] = vjp_fn(torch::ones_like(y));
+  expect_close(gx, x.exp() * (x + 1), 1e-12);
+  func::jacrev([&](const Tensor& t) { return leaked_jac = t.tanh(); })(x);
+  EXPECT_ERROR(leaked_jac + leaked_jac, "escaped a grad-family transform");
+  func::hessian([&](const Tensor& t) {
+    leaked_hess = t.pow(3);
+    return leaked_hess.sum();
+  })(x);
+  EXPECT_ERROR(leaked_hess.sum(), "escaped a grad-family transform");
+  EXPECT_EQ(func::detail::layer_depth(), 0u);
+
+  // linearize's jvp_fn also runs a recorded graph later.
+  auto [out, jvp_fn] = func::linearize([](const Tensor& t) { return t.sin() * t; }, x);
+  Tensor v = torch::randn({3}, torch::kDouble);
+  expect_close(jvp_fn(v), (x.cos() * x + x.sin()) * v, 1e-12);
+  (void)out;
+
+  // Inside another transform libtorch unwraps a dead wrapper before torchfunc
+  // can see it: there it acts as its plain value (README: known differences).
+  Tensor rows = torch::randn({4, 3}, torch::kDouble);
+  expect_close(func::vmap([&](const Tensor& r) { return r + leaked; })(rows), rows + 2 * x, 1e-12);
 }
 
 TEST_F(TF, ConcurrentThreads) {
