@@ -20,6 +20,11 @@
 // default one-element weight of nn::PReLU and for 1-D inputs) and aten::
 // mse_loss (replaced on 1.13, whose rule fails when the target broadcasts).
 //
+// aten::nll_loss_forward / nll_loss2d_forward (+ backwards) and aten::
+// cross_entropy_loss (replaced on every version: targets equal to
+// ignore_index, the usual padding label, fail under libtorch's rules), the
+// margin losses and masked_scatter (missing in 1.13).
+//
 // Pointwise losses and their backward ops (mse_loss_backward, smooth_l1_loss,
 // huber_loss, soft_margin_loss and their backwards): missing in 1.13 (a loop
 // over samples and a warning); torch 2.x covers the mse/smooth_l1/huber
@@ -28,6 +33,7 @@
 // per-sample grad of an MSE or Huber loss goes through them.
 #include "compat.h"
 
+#include <ATen/ExpandUtils.h>
 #include <ATen/Functions.h>
 #include <ATen/core/Reduction.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,6 +42,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 #include <memory>
 #include <optional>
 
@@ -147,6 +154,342 @@ at::Tensor loss_backward_rule(const at::Tensor& grad_output, const at::Tensor& s
   if (a.batch < 0) return Op(grad_output, self, target, reduction, extra...);
   at::Tensor grad = Op(a.t[0], a.t[1].contiguous(), a.t[2], at::Reduction::None, extra...);
   return ft::makeBatched(scale_backward(grad, reduction), 0, level);
+}
+
+// ---- margin losses (multi_margin_loss, multilabel_margin_loss) ---------------
+// Per sample the input is one row [C] or N rows [N, C] and the loss is a sum
+// over rows. Batched, the B samples' rows fold into B*N rows of one call with
+// reduction none, and the reduction is applied per sample.
+
+// Rows of x [B, C] or [B, N, C] as [B*N, C]; N is returned through `rows`.
+at::Tensor fold_rows(const at::Tensor& x, int64_t& rows) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "Expected non-empty vector or matrix with optional 0-dim batch size, but got: ",
+              x.sizes().slice(1));
+  rows = x.dim() == 3 ? x.size(1) : 1;
+  return x.reshape({-1, x.size(-1)});
+}
+
+// The per-sample loss from per-row losses [B*N]: reduction none keeps the
+// per-sample output shape (`keep_rows`: [N], else a scalar per sample).
+at::Tensor reduce_rows(const at::Tensor& row_loss, int64_t batch, int64_t rows, int64_t reduction, bool keep_rows) {
+  at::Tensor per_row = row_loss.view({batch, rows});
+  if (reduction == at::Reduction::None) return keep_rows ? per_row : per_row.view({batch});
+  return reduction == at::Reduction::Mean ? per_row.mean(1) : per_row.sum(1);
+}
+
+// grad_output of a per-sample loss as one factor per row [B*N].
+at::Tensor grad_rows(const at::Tensor& grad_output, int64_t batch, int64_t rows, int64_t reduction) {
+  if (reduction == at::Reduction::None) return grad_output.reshape({batch * rows});
+  at::Tensor g = grad_output.reshape({batch, 1}).expand({batch, rows});
+  if (reduction == at::Reduction::Mean) g = g / static_cast<double>(rows);
+  return g.reshape({batch * rows});
+}
+
+// multi_margin_loss multiplies row n's loss by weight[target[n]]: the rule
+// computes unweighted rows and applies that factor itself, so a per-sample
+// (batched) weight works too.
+at::Tensor margin_row_weights(const c10::optional<at::Tensor>& weight, const at::Tensor& target_rows, int64_t level,
+                              int64_t batch) {
+  if (!weight.has_value() || !weight->defined()) return {};
+  at::Tensor w = batch_first(*weight, level, batch);
+  TORCH_CHECK(w.dim() == 2, "multi_margin_loss: expected weight to be a 1D tensor");
+  return w.gather(1, target_rows.view({batch, -1})).reshape({-1});
+}
+
+at::Tensor multi_margin_loss_batched(const at::Tensor& self, const at::Tensor& target, const at::Scalar& p,
+                                     const at::Scalar& margin, const c10::optional<at::Tensor>& weight,
+                                     int64_t reduction) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("multi_margin_loss");
+  const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
+  const int64_t batch = batch_size_at({&self, &target, w}, level);
+  if (batch < 0) return at::multi_margin_loss(self, target, p, margin, weight, reduction);
+  int64_t rows = 0;
+  at::Tensor x = fold_rows(batch_first(self, level, batch), rows);
+  at::Tensor t = batch_first(target, level, batch);
+  const bool keep_rows = t.dim() > 1;  // per-sample target of rank 1: an [N] output for reduction none
+  t = t.reshape({-1});
+  at::Tensor loss = at::multi_margin_loss(x, t, p, margin, c10::nullopt, at::Reduction::None);
+  if (at::Tensor wy = margin_row_weights(weight, t, level, batch); wy.defined()) loss = loss * wy;
+  return ft::makeBatched(reduce_rows(loss, batch, rows, reduction, keep_rows), 0, level);
+}
+
+at::Tensor multi_margin_loss_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
+                                              const at::Tensor& target, const at::Scalar& p, const at::Scalar& margin,
+                                              const c10::optional<at::Tensor>& weight, int64_t reduction) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("multi_margin_loss_backward");
+  const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
+  const int64_t batch = batch_size_at({&grad_output, &self, &target, w}, level);
+  if (batch < 0) return at::multi_margin_loss_backward(grad_output, self, target, p, margin, weight, reduction);
+  int64_t rows = 0;
+  at::Tensor x_phys = batch_first(self, level, batch);
+  at::Tensor x = fold_rows(x_phys, rows);
+  at::Tensor t = batch_first(target, level, batch).reshape({-1});
+  at::Tensor g = grad_rows(batch_first(grad_output, level, batch), batch, rows, reduction);
+  if (at::Tensor wy = margin_row_weights(weight, t, level, batch); wy.defined()) g = g * wy;
+  at::Tensor grad = at::multi_margin_loss_backward(g, x, t, p, margin, c10::nullopt, at::Reduction::None);
+  return ft::makeBatched(grad.view(x_phys.sizes()), 0, level);
+}
+
+std::tuple<at::Tensor, at::Tensor> multilabel_margin_loss_forward_batched(const at::Tensor& self,
+                                                                          const at::Tensor& target,
+                                                                          int64_t reduction) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("multilabel_margin_loss_forward");
+  const int64_t batch = batch_size_at({&self, &target}, level);
+  if (batch < 0) return at::multilabel_margin_loss_forward(self, target, reduction);
+  int64_t rows = 0;
+  at::Tensor x = fold_rows(batch_first(self, level, batch), rows);
+  at::Tensor t_phys = batch_first(target, level, batch);
+  TORCH_CHECK(t_phys.numel() == x.numel() && t_phys.size(-1) == x.size(-1),
+              "multilabel_margin_loss: inconsistent target size: ", t_phys.sizes().slice(1), " for input of size: ",
+              self.sizes());
+  auto [loss, is_target] = at::multilabel_margin_loss_forward(x, t_phys.reshape(x.sizes()), at::Reduction::None);
+  const bool keep_rows = t_phys.dim() > 2;  // per-sample [N, C]: an [N] output for reduction none
+  return {ft::makeBatched(reduce_rows(loss, batch, rows, reduction, keep_rows), 0, level),
+          ft::makeBatched(is_target.view(t_phys.sizes()), 0, level)};
+}
+
+at::Tensor multilabel_margin_loss_batched(const at::Tensor& self, const at::Tensor& target, int64_t reduction) {
+  return std::get<0>(multilabel_margin_loss_forward_batched(self, target, reduction));
+}
+
+at::Tensor multilabel_margin_loss_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
+                                                   const at::Tensor& target, int64_t reduction,
+                                                   const at::Tensor& is_target) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("multilabel_margin_loss_backward");
+  const int64_t batch = batch_size_at({&grad_output, &self, &target, &is_target}, level);
+  if (batch < 0) return at::multilabel_margin_loss_backward(grad_output, self, target, reduction, is_target);
+  int64_t rows = 0;
+  at::Tensor x_phys = batch_first(self, level, batch);
+  at::Tensor x = fold_rows(x_phys, rows);
+  at::Tensor g = grad_rows(batch_first(grad_output, level, batch), batch, rows, reduction);
+  at::Tensor grad = at::multilabel_margin_loss_backward(g, x, batch_first(target, level, batch).reshape(x.sizes()),
+                                                        at::Reduction::None,
+                                                        batch_first(is_target, level, batch).reshape(x.sizes()));
+  return ft::makeBatched(grad.view(x_phys.sizes()), 0, level);
+}
+
+// ---- nll_loss_forward / nll_loss2d_forward and their backwards -----------------
+// libtorch's own rules (1.13, and 2.x as far as we have read them) take a
+// negative ignore_index to mean "nothing ignored" and gather at the target,
+// so the default ignore_index -100 fails ("index -100 is out of bounds") as
+// soon as a target is -100, the usual padding label; torchfunc replaces them.
+// Per sample the input is [C] (one frame), [N, C] or, for nll_loss2d,
+// [N, C, H, W]: the B samples' frames fold into one call with reduction none
+// and no weight; class weights (shared or per sample) and the per-sample
+// reduction are applied here (mean = sum / total weight, as ATen divides).
+
+struct NllFrames {
+  at::Tensor x;       // folded input [B*N, C, ...] ([B, C] for one-frame samples)
+  at::Tensor target;  // folded target [B*N, ...] ([B])
+  at::Tensor weight;  // like target: each element's class weight, 0 where ignored
+  std::vector<int64_t> input_shape;   // physical input [B, ...]
+  std::vector<int64_t> target_shape;  // physical target [B, ...]
+  bool one_frame = false;             // per-sample input [C]
+};
+
+NllFrames nll_frames(const at::Tensor& self, const at::Tensor& target, const c10::optional<at::Tensor>& weight,
+                     int64_t ignore_index, int64_t level, int64_t batch, bool spatial) {
+  NllFrames f;
+  at::Tensor x = batch_first(self, level, batch), t = batch_first(target, level, batch);
+  if (spatial) {
+    TORCH_CHECK(x.dim() == 5, "nll_loss2d: only batches of spatial inputs supported (4D tensors), but got input of "
+                "size: ", x.sizes().slice(1));
+  } else {
+    TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "nll_loss: input tensor should be 1D or 2D, but got ", x.dim() - 1,
+                "D per sample");
+  }
+  f.one_frame = x.dim() == 2;
+  f.input_shape = x.sizes().vec();
+  f.target_shape = t.sizes().vec();
+  f.x = f.one_frame ? x : x.flatten(0, 1);
+  f.target = f.one_frame ? t.reshape({-1}) : t.flatten(0, 1);
+  TORCH_CHECK(f.target.size(0) == f.x.size(0) && f.target.numel() * f.x.size(1) == f.x.numel(),
+              "nll_loss: Expected input of size ", x.sizes().slice(1), " to match target of size ",
+              t.sizes().slice(1), " (one class index per frame).");
+  at::Tensor kept = f.target != ignore_index;
+  if (weight.has_value() && weight->defined()) {
+    at::Tensor w = batch_first(*weight, level, batch);
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == f.x.size(1), "nll_loss: weight tensor should be defined either for all ",
+                f.x.size(1), " classes or no classes but got weight tensor of shape: ", weight->sizes());
+    at::Tensor safe = at::where(kept, f.target, at::zeros_like(f.target));
+    f.weight = w.gather(1, safe.reshape({batch, -1})).view(f.target.sizes()) * kept;
+  } else {
+    f.weight = kept.to(f.x.scalar_type());
+  }
+  return f;
+}
+
+template <auto Forward, bool Spatial>
+std::tuple<at::Tensor, at::Tensor> nll_forward_rule(const at::Tensor& self, const at::Tensor& target,
+                                                    const c10::optional<at::Tensor>& weight, int64_t reduction,
+                                                    int64_t ignore_index) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("nll_loss_forward");
+  const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
+  const int64_t batch = batch_size_at({&self, &target, w}, level);
+  if (batch < 0) return Forward(self, target, weight, reduction, ignore_index);
+  NllFrames f = nll_frames(self, target, weight, ignore_index, level, batch, Spatial);
+  // Unweighted, unreduced: -x[t] per element, 0 where ignored (ATen checks
+  // the targets' range here).
+  at::Tensor per_elem = std::get<0>(Forward(f.x, f.target, c10::nullopt, at::Reduction::None, ignore_index));
+  per_elem = per_elem * f.weight;
+  at::Tensor total = f.weight.reshape({batch, -1}).sum(1);
+  at::Tensor out;
+  if (reduction == at::Reduction::None) {
+    out = per_elem.view(f.target_shape);
+    // ATen reports a total weight for unreduced losses only for one frame.
+    if (!f.one_frame) total = at::zeros({batch}, total.options());
+  } else {
+    out = per_elem.reshape({batch, -1}).sum(1);
+    if (reduction == at::Reduction::Mean) out = out / total;
+  }
+  return {ft::makeBatched(out, 0, level), ft::makeBatched(total, 0, level)};
+}
+
+template <auto Backward, bool Spatial>
+at::Tensor nll_backward_rule(const at::Tensor& grad_output, const at::Tensor& self, const at::Tensor& target,
+                             const c10::optional<at::Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                             const at::Tensor& total_weight) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("nll_loss_backward");
+  const at::Tensor* w = weight.has_value() ? &*weight : nullptr;
+  const int64_t batch = batch_size_at({&grad_output, &self, &target, w, &total_weight}, level);
+  if (batch < 0) return Backward(grad_output, self, target, weight, reduction, ignore_index, total_weight);
+  NllFrames f = nll_frames(self, target, weight, ignore_index, level, batch, Spatial);
+  at::Tensor g = batch_first(grad_output, level, batch);
+  if (reduction == at::Reduction::None) {
+    g = g.reshape(f.target.sizes());
+  } else {
+    if (reduction == at::Reduction::Mean) g = g / batch_first(total_weight, level, batch);
+    std::vector<int64_t> one_per_sample(f.target_shape.size(), 1);
+    one_per_sample[0] = batch;
+    g = g.reshape(one_per_sample).expand(f.target_shape).reshape(f.target.sizes());
+  }
+  at::Tensor grad = Backward(g * f.weight, f.x, f.target, c10::nullopt, at::Reduction::None, ignore_index,
+                             at::ones({}, f.x.options()));
+  return ft::makeBatched(grad.view(f.input_shape), 0, level);
+}
+
+// ---- cross_entropy_loss (a decomposition inside every transform) ----------------
+// ATen's label-smoothing path zeroes the ignored targets' smoothing term with
+// a boolean-mask index_put_, which vmap cannot batch (a data-dependent shape):
+// cross entropy with label_smoothing and any target equal to ignore_index
+// failed under vmap, and under vmap(grad) too (grad decomposes the op before
+// vmap sees it). This decomposition computes the same with torch::where. It is
+// registered at the key every op passes first inside a transform
+// (FuncTorchDynamicLayerFrontMode), so each of its ops then goes through every
+// active transform; outside transforms ATen's own kernel runs.
+at::Tensor cross_entropy_decomposed(const at::Tensor& self, const at::Tensor& target,
+                                    const c10::optional<at::Tensor>& weight_opt, int64_t reduction, int64_t ignore_index,
+                                    double label_smoothing) {
+  const int64_t class_dim = self.dim() == 1 ? 0 : 1;
+  const int64_t classes = self.size(class_dim);
+  at::Tensor input = at::log_softmax(self, class_dim, self.scalar_type());
+  const bool weighted = weight_opt.has_value() && weight_opt->defined();
+  at::Tensor weight_view;  // weight broadcast against input
+  if (weighted) {
+    TORCH_CHECK(weight_opt->dim() == 1 && weight_opt->numel() == classes, "cross_entropy: weight tensor should be "
+                "defined either for all ", classes, " classes or no classes but got weight tensor of shape: ",
+                weight_opt->sizes());
+    std::vector<int64_t> shape(static_cast<size_t>(input.dim()), 1);
+    shape[static_cast<size_t>(class_dim)] = classes;
+    weight_view = weight_opt->view(shape);
+  }
+  if (at::isFloatingType(target.scalar_type())) {  // class probabilities
+    TORCH_CHECK(ignore_index < 0, "ignore_index is not supported for floating point target");
+    TORCH_CHECK(self.sizes() == target.sizes(), "cross_entropy: expected input and target of the same shape for "
+                "class-probability targets, got ", self.sizes(), " and ", target.sizes());
+    at::Tensor t = label_smoothing > 0 ? target * (1 - label_smoothing) + label_smoothing / classes : target;
+    at::Tensor terms = weighted ? input * t * weight_view : input * t;
+    if (reduction == at::Reduction::None) return -terms.sum(class_dim);
+    if (reduction == at::Reduction::Sum) return -terms.sum();
+    if (input.numel() == 0) return -terms.sum() * std::numeric_limits<double>::quiet_NaN();
+    return -terms.sum() / static_cast<double>(input.numel() / classes);
+  }
+  at::Tensor nll = at::nll_loss_nd(input, target, weight_opt, reduction, ignore_index);
+  if (label_smoothing <= 0) return nll;
+  at::Tensor kept = target != ignore_index;
+  at::Tensor smooth = -(weighted ? input * weight_view : input).sum(class_dim);
+  smooth = at::where(kept, smooth, at::zeros_like(smooth));
+  if (reduction == at::Reduction::Sum) {
+    smooth = smooth.sum();
+  } else if (reduction == at::Reduction::Mean) {
+    at::Tensor denominator;
+    if (weighted) {
+      at::Tensor safe = at::where(kept, target, at::zeros_like(target));
+      at::Tensor w = weight_opt->gather(0, safe.flatten()).view(target.sizes());
+      denominator = at::where(kept, w, at::zeros_like(w)).sum();
+    } else {
+      denominator = kept.sum();
+    }
+    smooth = smooth.sum() / denominator;
+  }
+  return (1 - label_smoothing) * nll + smooth * (label_smoothing / classes);
+}
+
+// ---- masked_scatter / masked_scatter_ ----------------------------------------
+// Per sample, the positions where mask is true take source's elements in
+// order. Batched: the k-th true position of sample b takes element k of
+// sample b's flattened source (k from a cumulative sum of the mask).
+// (masked_select's backward uses it: cross entropy with label smoothing.)
+at::Tensor scatter_per_sample(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& source) {
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "masked_scatter_ only supports boolean masks, but got mask with dtype ",
+              mask.scalar_type());
+  TORCH_CHECK(x.scalar_type() == source.scalar_type(),
+              "masked_scatter: expected self and source to have same dtypes but got", x.scalar_type(), " and ",
+              source.scalar_type());
+  const int64_t batch = x.size(0);
+  at::Tensor flat_x = x.reshape({batch, -1});
+  at::Tensor flat_mask = mask.expand(x.sizes()).reshape({batch, -1});
+  at::Tensor flat_src = source.reshape({batch, -1});
+  if (flat_mask.size(1) == 0) return x.clone();
+  at::Tensor position = flat_mask.cumsum(1) - 1;  // index into the sample's source
+  if (flat_src.size(1) < flat_mask.size(1)) {
+    TORCH_CHECK(position.select(1, -1).max().item<int64_t>() < flat_src.size(1),
+                "masked_scatter: expected source to have at least as many elements as ones in mask");
+    if (flat_src.size(1) == 0) return x.clone();
+  }
+  at::Tensor taken = flat_src.gather(1, position.clamp(0, flat_src.size(1) - 1));
+  return at::where(flat_mask, taken, flat_x).view(x.sizes());
+}
+
+// Brings self and mask to one [B, *S] shape (self, mask broadcast as they
+// would per sample).
+std::pair<at::Tensor, at::Tensor> broadcast_self_mask(const at::Tensor& self, const at::Tensor& mask, int64_t level,
+                                                      int64_t batch) {
+  at::Tensor x = batch_first(self, level, batch), m = batch_first(mask, level, batch);
+  while (x.dim() < m.dim()) x = x.unsqueeze(1);
+  while (m.dim() < x.dim()) m = m.unsqueeze(1);
+  auto shape = at::infer_size(x.sizes(), m.sizes());
+  return {x.expand(shape), m.expand(shape)};
+}
+
+at::Tensor masked_scatter_batched(const at::Tensor& self, const at::Tensor& mask, const at::Tensor& source) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("masked_scatter");
+  const int64_t batch = batch_size_at({&self, &mask, &source}, level);
+  if (batch < 0) return at::masked_scatter(self, mask, source);
+  auto [x, m] = broadcast_self_mask(self, mask, level, batch);
+  return ft::makeBatched(scatter_per_sample(x, m, batch_first(source, level, batch)), 0, level);
+}
+
+at::Tensor& masked_scatter_inplace_batched(at::Tensor& self, const at::Tensor& mask, const at::Tensor& source) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("masked_scatter_");
+  const int64_t batch = batch_size_at({&self, &mask, &source}, level);
+  if (batch < 0) return self.masked_scatter_(mask, source);
+  ft::BatchedTensorImpl* b = compat::batched_at(self, level);
+  TORCH_CHECK(b, "vmap: masked_scatter_(self, mask, source): self is not batched but mask or source is; an in-place "
+                 "operation cannot write one result per sample into self. Use the out-of-place masked_scatter.");
+  at::Tensor x = b->value().movedim(b->bdim(), 0);  // a view of self's storage
+  at::Tensor m = batch_first(mask, level, batch);
+  while (m.dim() < x.dim()) m = m.unsqueeze(1);
+  x.copy_(scatter_per_sample(x, m.expand(x.sizes()), batch_first(source, level, batch)));
+  return self;
 }
 
 // ---- prelu (1.13's own rules are wrong; see compat::kReplaceBrokenBatchRules) --
@@ -356,6 +699,13 @@ const std::vector<std::string>& own_batch_rules() {
     add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
     add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
     add("equal", "", TORCH_FN(equal_batched));
+    add("masked_scatter", "", TORCH_FN(masked_scatter_batched));
+    add("masked_scatter_", "", TORCH_FN(masked_scatter_inplace_batched));
+    add("multi_margin_loss", "", TORCH_FN(multi_margin_loss_batched));
+    add("multi_margin_loss_backward", "", TORCH_FN(multi_margin_loss_backward_batched));
+    add("multilabel_margin_loss", "", TORCH_FN(multilabel_margin_loss_batched));
+    add("multilabel_margin_loss_forward", "", TORCH_FN(multilabel_margin_loss_forward_batched));
+    add("multilabel_margin_loss_backward", "", TORCH_FN(multilabel_margin_loss_backward_batched));
     add("rrelu_with_noise_backward", "", TORCH_FN(rrelu_with_noise_backward_batched));
     add("max_pool3d_with_indices", "", TORCH_FN(max_pool3d_batched));
     add("max_pool3d_with_indices_backward", "", TORCH_FN(max_pool3d_backward_batched));
@@ -372,16 +722,32 @@ const std::vector<std::string>& own_batch_rules() {
         TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bicubic2d_backward>)));
     add("upsample_trilinear3d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale, Scale, Scale>::rule<&at::upsample_trilinear3d_backward>)));
-    if constexpr (compat::kReplaceBrokenBatchRules) {
+    // Over libtorch's own kernel (known to be wrong there), at any key.
+    auto replace = [&](torch::Library& at_key, const char* op, auto kernel) {
       compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
-      lib->impl("prelu", TORCH_FN(prelu_batched));
-      lib->impl("prelu_backward", TORCH_FN(prelu_backward_batched));
-      lib->impl("mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
-      names.insert(names.end(), {"aten::prelu", "aten::prelu_backward", "aten::mse_loss"});
+      try {
+        at_key.impl(op, std::move(kernel));
+        names.push_back(std::string("aten::") + op);
+      } catch (const c10::Error&) {
+        // A schema that differs from the signature here: libtorch keeps its own.
+      }
+    };
+    if constexpr (compat::kReplaceBrokenBatchRules) {
+      replace(*lib, "prelu", TORCH_FN(prelu_batched));
+      replace(*lib, "prelu_backward", TORCH_FN(prelu_backward_batched));
+      replace(*lib, "mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
       static auto vmap_mode = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
                                                                c10::DispatchKey::FuncTorchVmapMode, __FILE__, __LINE__);
-      vmap_mode->impl("rrelu_with_noise", TORCH_FN(rrelu_with_noise_vmap_mode));
-      names.push_back("aten::rrelu_with_noise");
+      replace(*vmap_mode, "rrelu_with_noise", TORCH_FN(rrelu_with_noise_vmap_mode));
+    }
+    if constexpr (compat::kReplaceNllLossBatchRules) {
+      replace(*lib, "nll_loss_forward", TORCH_FN((nll_forward_rule<&at::nll_loss_forward, false>)));
+      replace(*lib, "nll_loss_backward", TORCH_FN((nll_backward_rule<&at::nll_loss_backward, false>)));
+      replace(*lib, "nll_loss2d_forward", TORCH_FN((nll_forward_rule<&at::nll_loss2d_forward, true>)));
+      replace(*lib, "nll_loss2d_backward", TORCH_FN((nll_backward_rule<&at::nll_loss2d_backward, true>)));
+      static auto front = std::make_unique<torch::Library>(
+          torch::Library::IMPL, "aten", c10::DispatchKey::FuncTorchDynamicLayerFrontMode, __FILE__, __LINE__);
+      replace(*front, "cross_entropy_loss", TORCH_FN(cross_entropy_decomposed));
     }
     return names;
   }();

@@ -37,6 +37,14 @@ inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
 // against the input. torchfunc replaces them there (src/batch_rules.cpp).
 constexpr bool kReplaceBrokenBatchRules = TORCH_VERSION_MAJOR < 2;
 
+// libtorch's nll_loss_forward / nll_loss_backward batching rules take a
+// negative ignore_index to mean "ignore nothing" and fail on the default
+// -100 as soon as a target equals it, and its cross_entropy_loss
+// decomposition batches a boolean-mask index_put_ (label smoothing with an
+// ignored target). True of 1.13 and of the 2.x sources we have read; replaced
+// on every version until a fixed one is known.
+constexpr bool kReplaceNllLossBatchRules = true;
+
 // Drops c10 warnings while alive (the dispatcher warns when a kernel replaces
 // another, which is what kReplaceBrokenBatchRules does on purpose).
 class QuietWarnings : public c10::WarningHandler {

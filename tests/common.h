@@ -36,6 +36,32 @@ class TF : public ::testing::Test {
     EXPECT_EQ(func::detail::layer_depth(), 0u);                                       \
   } while (0)
 
+/// While alive, records the ops that vmap ran through libtorch's per-sample
+/// fallback (its "performance drop ... batching rule for <op>" warnings).
+class FallbackLog : public c10::WarningHandler {
+ public:
+  FallbackLog() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
+  ~FallbackLog() override { c10::Warning::set_warning_handler(prev_); }
+  FallbackLog(const FallbackLog&) = delete;
+  FallbackLog& operator=(const FallbackLog&) = delete;
+#if TORCH_VERSION_MAJOR >= 2
+  void process(const c10::Warning& w) override { record(w.msg()); }
+#else
+  void process(const c10::SourceLocation&, const std::string& msg, const bool) override { record(msg); }
+#endif
+  std::string ops;  // space-separated
+
+ private:
+  void record(const std::string& msg) {
+    const std::string key = "batching rule for ";
+    auto at = msg.find(key);
+    if (at == std::string::npos) return;
+    at += key.size();
+    ops += msg.substr(at, msg.find_first_of(". ", at) - at) + " ";
+  }
+  c10::WarningHandler* prev_;
+};
+
 inline void expect_close(const Tensor& a, const Tensor& b, double tol = 1e-6) {
   ASSERT_TRUE(a.defined() && b.defined());
   ASSERT_EQ(a.sizes(), b.sizes());

@@ -512,10 +512,252 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
                          "aten::prelu_backward", "aten::equal", "aten::upsample_nearest2d_backward",
                          "aten::upsample_bilinear2d_backward", "aten::max_pool3d_with_indices",
                          "aten::max_pool3d_with_indices_backward", "aten::rrelu_with_noise",
-                         "aten::rrelu_with_noise_backward"}) {
+                         "aten::rrelu_with_noise_backward", "aten::masked_scatter", "aten::masked_scatter_",
+                         "aten::multi_margin_loss", "aten::multi_margin_loss_backward",
+                         "aten::multilabel_margin_loss", "aten::multilabel_margin_loss_forward",
+                         "aten::multilabel_margin_loss_backward", "aten::nll_loss_forward",
+                         "aten::nll_loss_backward", "aten::cross_entropy_loss"}) {
     EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
   }
 #endif
+}
+
+TEST_F(TF, MarginLossRulesMatchLoop) {
+  // multi_margin_loss and multilabel_margin_loss (and their backwards) under
+  // vmap: one row [C] or several rows [N, C] per sample, every reduction,
+  // p 1 and 2, no / shared / per-sample class weights; forward values and
+  // per-sample gradients against loops of plain autograd calls, and no op
+  // left to libtorch's per-sample fallback.
+  const int64_t B = 5, C = 4, N = 3;
+  Tensor w = torch::randn({C, 6}, torch::kDouble);
+  for (bool rows : {false, true}) {
+    Tensor xs = rows ? torch::randn({B, N, 6}, torch::kDouble) : torch::randn({B, 6}, torch::kDouble);
+    Tensor cls = rows ? torch::randint(0, C, {B, N}) : torch::randint(0, C, {B});
+    // multilabel targets: class indices, -1 ends each row's list.
+    Tensor labels = rows ? torch::tensor({3, 0, -1, 2}).repeat({B, N, 1}) : torch::tensor({1, -1, 0, 0}).repeat({B, 1});
+    labels.select(-1, 0).copy_(torch::randint(0, C, labels.select(-1, 0).sizes()));
+    Tensor class_weights = torch::rand({B, C}, torch::kDouble) + 0.5;
+    for (int64_t r : {at::Reduction::Mean, at::Reduction::Sum, at::Reduction::None}) {
+      using Loss = std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)>;
+      std::vector<std::pair<std::string, Loss>> losses;
+      for (double p : {1.0, 2.0}) {
+        losses.push_back({"multi_margin p" + std::to_string(p), [=](const Tensor& z, const Tensor& y, const Tensor&) {
+                            return at::multi_margin_loss(z, y, p, 0.7, c10::nullopt, r);
+                          }});
+        losses.push_back({"weighted multi_margin p" + std::to_string(p),
+                          [=](const Tensor& z, const Tensor& y, const Tensor& cw) { return at::multi_margin_loss(z, y, p, 0.7, cw, r); }});
+      }
+      losses.push_back({"multilabel_margin", [=](const Tensor& z, const Tensor& y, const Tensor&) {
+                          return at::multilabel_margin_loss(z, y, r);
+                        }});
+      for (const auto& [name, loss] : losses) {
+        SCOPED_TRACE(name + (rows ? " rows" : " one row") + " reduction " + std::to_string(r));
+        const bool multilabel = name == "multilabel_margin";
+        Tensor targets = multilabel ? labels : cls;
+        auto scalar = [&, loss = loss](const Tensor& w, const Tensor& x, const Tensor& y, const Tensor& cw) {
+          Tensor l = loss(torch::matmul(x, w.t()), y, cw);
+          return l.dim() == 0 ? l : (l * torch::arange(1, l.numel() + 1, l.options()).view(l.sizes())).sum();
+        };
+        auto reference = [&](const Tensor& x, const Tensor& y, const Tensor& cw) {
+          Tensor wr = w.detach().requires_grad_(true);
+          return torch::autograd::grad({scalar(wr, x, y, cw)}, {wr})[0];
+        };
+        FallbackLog log;
+        // Per-sample class weights (batched), then one set for all samples.
+        Tensor g = func::vmap(func::grad(scalar), func::in_dims(func::none, 0, 0, 0))(w, xs, targets, class_weights);
+        Tensor g_shared = func::vmap(func::grad(scalar), func::in_dims(func::none, 0, 0, func::none))(w, xs, targets,
+                                                                                                   class_weights[0]);
+        Tensor values = func::vmap([&, loss = loss](const Tensor& x, const Tensor& y) {
+          return loss(torch::matmul(x, w.t()), y, class_weights[1]);
+        })(xs, targets);
+        EXPECT_EQ(log.ops, "");
+        for (int64_t i = 0; i < B; ++i) {
+          expect_close(g[i], reference(xs[i], targets[i], class_weights[i]), 1e-12);
+          expect_close(g_shared[i], reference(xs[i], targets[i], class_weights[0]), 1e-12);
+          expect_close(values[i], loss(torch::matmul(xs[i], w.t()), targets[i], class_weights[1]), 1e-12);
+        }
+      }
+    }
+  }
+  // A bad target still gets ATen's own error under vmap.
+  Tensor x = torch::randn({B, C}, torch::kDouble);
+  EXPECT_ERROR(func::vmap([](const Tensor& z) { return at::multi_margin_loss(z, torch::tensor(C), 1, 1, {}, 1); })(x),
+               "target out of range");
+}
+
+TEST_F(TF, MaskedScatterRuleMatchesLoop) {
+  // masked_scatter (out of place and in place) under vmap: the k-th true
+  // position of each sample takes element k of that sample's source. Every
+  // batched/unbatched mix of self, mask and source, a mask that broadcasts
+  // against self, against a loop; then the op that needs it: cross entropy
+  // with label smoothing (masked_select's backward).
+  const int64_t B = 4;
+  Tensor self = torch::randn({B, 3, 5}, torch::kDouble);
+  Tensor mask = torch::rand({B, 3, 5}) > 0.5;
+  Tensor source = torch::randn({B, 20}, torch::kDouble);
+  Tensor row_mask = torch::rand({B, 5}) > 0.3;  // broadcasts over self's rows
+  FallbackLog log;
+  auto scatter = [](const Tensor& s, const Tensor& m, const Tensor& src) { return s.masked_scatter(m, src); };
+  for (int bits = 1; bits < 8; ++bits) {
+    SCOPED_TRACE("batched operands " + std::to_string(bits));
+    auto dim = [&](int bit) { return (bits >> bit) & 1 ? func::Dims(0) : func::Dims(func::none); };
+    auto pick = [&](const Tensor& t, int bit, int64_t i) { return (bits >> bit) & 1 ? t[i] : t[0]; };
+    Tensor out = func::vmap(scatter, func::in_dims(dim(0), dim(1), dim(2)))(
+        (bits & 1) ? self : self[0], (bits & 2) ? mask : mask[0], (bits & 4) ? source : source[0]);
+    Tensor out_rows = func::vmap(scatter, func::in_dims(dim(0), dim(1), dim(2)))(
+        (bits & 1) ? self : self[0], (bits & 2) ? row_mask : row_mask[0], (bits & 4) ? source : source[0]);
+    for (int64_t i = 0; i < B; ++i) {
+      expect_close(out[i], scatter(pick(self, 0, i), pick(mask, 1, i), pick(source, 2, i)), 0);
+      expect_close(out_rows[i], scatter(pick(self, 0, i), pick(row_mask, 1, i), pick(source, 2, i)), 0);
+    }
+  }
+  // In place into a batched self.
+  Tensor inplace = func::vmap([](const Tensor& s, const Tensor& m, const Tensor& src) {
+    return s.clone().masked_scatter_(m, src);
+  })(self, mask, source);
+  for (int64_t i = 0; i < B; ++i) expect_close(inplace[i], scatter(self[i], mask[i], source[i]), 0);
+  EXPECT_EQ(log.ops, "");
+  // Errors: too few source elements for a sample's mask; in place into an
+  // unbatched self.
+  EXPECT_ERROR(func::vmap(scatter)(self, torch::ones({B, 3, 5}, torch::kBool), torch::randn({B, 4}, torch::kDouble)),
+               "at least as many elements");
+  EXPECT_ERROR(func::vmap([&](const Tensor& m) { return self[0].clone().masked_scatter_(m, source[0]); })(mask),
+               "masked_scatter_");
+
+  // Per-sample gradients of cross entropy with label smoothing.
+  Tensor w = torch::randn({4, 6}, torch::kDouble);
+  Tensor xs = torch::randn({B, 3, 6}, torch::kDouble), ys = torch::randint(0, 4, {B, 3});
+  ys[1][2] = -100;  // ignored
+  namespace F = torch::nn::functional;
+  auto loss = [](const Tensor& w, const Tensor& x, const Tensor& y) {
+    return F::cross_entropy(torch::matmul(x, w.t()), y, F::CrossEntropyFuncOptions().label_smoothing(0.2));
+  };
+  Tensor g = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0))(w, xs, ys);
+  for (int64_t i = 0; i < B; ++i) {
+    Tensor wr = w.detach().requires_grad_(true);
+    expect_close(g[i], torch::autograd::grad({loss(wr, xs[i], ys[i])}, {wr})[0], 1e-12);
+  }
+  EXPECT_EQ(log.ops, "");
+}
+
+TEST_F(TF, NllLossRuleMatchesLoop) {
+  // nll_loss / cross_entropy under vmap with targets equal to ignore_index
+  // (libtorch's own rule fails on the default -100: "index -100 is out of
+  // bounds"), one frame [C] or several [N, C] per sample, every reduction,
+  // no / shared / per-sample class weights, label smoothing; values,
+  // total weights and per-sample gradients against loops of autograd calls.
+  namespace F = torch::nn::functional;
+  const int64_t B = 5, C = 4, N = 3;
+  Tensor w = torch::randn({C, 6}, torch::kDouble);
+  Tensor class_weights = torch::rand({B, C}, torch::kDouble) + 0.5;
+  for (int64_t ignore : {int64_t{-100}, int64_t{2}}) {
+    for (bool rows : {false, true}) {
+      Tensor xs = rows ? torch::randn({B, N, 6}, torch::kDouble) : torch::randn({B, 6}, torch::kDouble);
+      Tensor ys = rows ? torch::randint(0, C, {B, N}) : torch::randint(0, C, {B});
+      ys.view(-1)[1] = ignore;  // sample 1 (one frame) or sample 0's second frame is ignored
+      if (rows) ys.view(-1)[N + 2] = ignore;
+      for (int64_t r : {at::Reduction::Mean, at::Reduction::Sum, at::Reduction::None}) {
+        for (int weighted = 0; weighted < 2; ++weighted) {
+          for (double smoothing : {0.0, 0.2}) {
+            SCOPED_TRACE("ignore " + std::to_string(ignore) + (rows ? " rows" : " one frame") + " reduction " +
+                         std::to_string(r) + " weighted " + std::to_string(weighted) + " smoothing " +
+                         std::to_string(smoothing));
+            auto loss = [=](const Tensor& z, const Tensor& y, const Tensor& cw) {
+              auto opts = F::CrossEntropyFuncOptions().ignore_index(ignore).label_smoothing(smoothing);
+              if (weighted) opts.weight(cw);
+              if (r == at::Reduction::Sum) opts.reduction(torch::kSum);
+              if (r == at::Reduction::None) opts.reduction(torch::kNone);
+              return F::cross_entropy(z, y, opts);
+            };
+            auto scalar = [&](const Tensor& w, const Tensor& x, const Tensor& y, const Tensor& cw) {
+              Tensor l = loss(torch::matmul(x, w.t()), y, cw);
+              return l.dim() == 0 ? l : (l * torch::arange(1, l.numel() + 1, l.options()).view(l.sizes())).sum();
+            };
+            FallbackLog log;
+            Tensor g = func::vmap(func::grad(scalar), func::in_dims(func::none, 0, 0, 0))(w, xs, ys, class_weights);
+            Tensor g_shared = func::vmap(func::grad(scalar), func::in_dims(func::none, 0, 0, func::none))(
+                w, xs, ys, class_weights[0]);
+            Tensor values = func::vmap([&](const Tensor& x, const Tensor& y, const Tensor& cw) {
+              return loss(torch::matmul(x, w.t()), y, cw);
+            })(xs, ys, class_weights);
+            EXPECT_EQ(log.ops, "");
+            for (int64_t i = 0; i < B; ++i) {
+              SCOPED_TRACE("sample " + std::to_string(i));
+              Tensor wr = w.detach().requires_grad_(true);
+              Tensor ref = loss(torch::matmul(xs[i], w.t()), ys[i], class_weights[i]);
+              if ((ys[i] == ignore).all().item<bool>() && r == at::Reduction::Mean) {
+                // Every frame is ignored: 0/0 in ATen too.
+                EXPECT_TRUE(ref.isnan().item<bool>() == values[i].isnan().item<bool>());
+                continue;
+              }
+              expect_close(values[i], ref, 1e-12);
+              expect_close(g[i], torch::autograd::grad({scalar(wr, xs[i], ys[i], class_weights[i])}, {wr})[0], 1e-12);
+              expect_close(g_shared[i], torch::autograd::grad({scalar(wr, xs[i], ys[i], class_weights[0])}, {wr})[0],
+                           1e-12);
+            }
+          }
+        }
+        // nll_loss_forward's total_weight output, per sample.
+        auto fwd = [&](const Tensor& x, const Tensor& y, const Tensor& cw) {
+          auto [out, total] = at::nll_loss_forward(torch::log_softmax(torch::matmul(x, w.t()), -1), y, cw, r, ignore);
+          return std::make_tuple(out, total);
+        };
+        auto [outs, totals] = func::vmap(fwd)(xs, ys, class_weights);
+        for (int64_t i = 0; i < B; ++i) {
+          SCOPED_TRACE("nll_loss_forward, sample " + std::to_string(i) + " reduction " + std::to_string(r));
+          auto [o, t] = fwd(xs[i], ys[i], class_weights[i]);
+          if (!o.isnan().any().item<bool>()) expect_close(outs[i], o, 1e-12);
+          expect_close(totals[i], t, 1e-12);
+        }
+      }
+    }
+  }
+  // Inside transforms torchfunc decomposes cross_entropy itself: class
+  // probabilities as targets, and per-sample images [C, H, W] (nll_loss2d),
+  // with smoothing, weights and ignored pixels, against loops.
+  {
+    Tensor conv = torch::randn({C, 2, 3, 3}, torch::kDouble);
+    Tensor images = torch::randn({B, 2, 5, 5}, torch::kDouble);
+    Tensor pixel_labels = torch::randint(0, C, {B, 3, 3});
+    pixel_labels[0][1][1] = -100;
+    Tensor probs = torch::softmax(torch::randn({B, C}, torch::kDouble), 1);
+    Tensor feats = torch::randn({B, 6}, torch::kDouble);
+    for (int64_t r : {at::Reduction::Mean, at::Reduction::Sum, at::Reduction::None}) {
+      for (double smoothing : {0.0, 0.3}) {
+        SCOPED_TRACE("probabilities / images, reduction " + std::to_string(r) + " smoothing " + std::to_string(smoothing));
+        auto opts = F::CrossEntropyFuncOptions().label_smoothing(smoothing).weight(class_weights[0]);
+        if (r == at::Reduction::Sum) opts.reduction(torch::kSum);
+        if (r == at::Reduction::None) opts.reduction(torch::kNone);
+        auto prob_loss = [&](const Tensor& w, const Tensor& x, const Tensor& p) {
+          return F::cross_entropy(torch::mv(w, x), p, opts).sum();
+        };
+        auto image_loss = [&](const Tensor& k, const Tensor& img, const Tensor& y) {
+          return F::cross_entropy(torch::conv2d(img.unsqueeze(0), k), y.unsqueeze(0), opts).sum();
+        };
+        Tensor gp = func::vmap(func::grad(prob_loss), func::in_dims(func::none, 0, 0))(w, feats, probs);
+        Tensor gi = func::vmap(func::grad(image_loss), func::in_dims(func::none, 0, 0))(conv, images, pixel_labels);
+        for (int64_t i = 0; i < B; ++i) {
+          Tensor wr = w.detach().requires_grad_(true), kr = conv.detach().requires_grad_(true);
+          expect_close(gp[i], torch::autograd::grad({prob_loss(wr, feats[i], probs[i])}, {wr})[0], 1e-12);
+          expect_close(gi[i], torch::autograd::grad({image_loss(kr, images[i], pixel_labels[i])}, {kr})[0], 1e-12);
+        }
+      }
+    }
+  }
+  // Nested: vmap(vmap(grad)) with padding labels; an out-of-range target still
+  // gets ATen's error.
+  Tensor xs = torch::randn({3, 4, 6}, torch::kDouble), ys = torch::randint(0, C, {3, 4});
+  ys[1][2] = -100;
+  auto ce = [](const Tensor& w, const Tensor& x, const Tensor& y) { return F::cross_entropy(torch::mv(w, x), y); };
+  Tensor gg = func::vmap(func::vmap(func::grad(ce), func::in_dims(func::none, 0, 0)), func::in_dims(func::none, 0, 0))(w, xs, ys);
+  for (int64_t i = 0; i < 3; ++i)
+    for (int64_t j = 0; j < 4; ++j) {
+      Tensor wr = w.detach().requires_grad_(true);
+      Tensor ref = torch::autograd::grad({ce(wr, xs[i][j], ys[i][j])}, {wr}, {}, c10::nullopt, false, true)[0];
+      expect_close(gg[i][j], ref.defined() ? ref : torch::zeros_like(w), 1e-12);
+    }
+  EXPECT_ERROR(func::vmap([&](const Tensor& x) { return F::cross_entropy(torch::mv(w, x), torch::tensor(7)); })(xs[0]),
+               "out of bounds");
 }
 
 TEST_F(TF, PreluUnderVmapMatchesLoop) {
