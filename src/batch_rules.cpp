@@ -70,7 +70,7 @@ int64_t batch_size_at(std::initializer_list<const at::Tensor*> ts, int64_t level
 // The [B, ...] layout the rules below work on: batch dim first; an operand
 // not batched at `level` is expanded to B as a view.
 at::Tensor batch_first(const at::Tensor& t, int64_t level, int64_t batch) {
-  if (auto* b = compat::batched_at(t, level)) return b->value().movedim(b->bdim(), 0);
+  if (auto* b = compat::batched_at(t, level)) return b->bdim() == 0 ? b->value() : b->value().movedim(b->bdim(), 0);
   std::vector<int64_t> shape{batch};
   shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
   return t.unsqueeze(0).expand(shape);
@@ -286,6 +286,7 @@ struct NllFrames {
   at::Tensor x;       // folded input [B*N, C, ...] ([B, C] for one-frame samples)
   at::Tensor target;  // folded target [B*N, ...] ([B])
   at::Tensor weight;  // like target: each element's class weight, 0 where ignored
+                      // (undefined without class weights: ATen zeroes ignored ones)
   std::vector<int64_t> input_shape;   // physical input [B, ...]
   std::vector<int64_t> target_shape;  // physical target [B, ...]
   bool one_frame = false;             // per-sample input [C]
@@ -310,17 +311,22 @@ NllFrames nll_frames(const at::Tensor& self, const at::Tensor& target, const c10
   TORCH_CHECK(f.target.size(0) == f.x.size(0) && f.target.numel() * f.x.size(1) == f.x.numel(),
               "nll_loss: Expected input of size ", x.sizes().slice(1), " to match target of size ",
               t.sizes().slice(1), " (one class index per frame).");
-  at::Tensor kept = f.target != ignore_index;
   if (weight.has_value() && weight->defined()) {
     at::Tensor w = batch_first(*weight, level, batch);
     TORCH_CHECK(w.dim() == 2 && w.size(1) == f.x.size(1), "nll_loss: weight tensor should be defined either for all ",
                 f.x.size(1), " classes or no classes but got weight tensor of shape: ", weight->sizes());
+    at::Tensor kept = f.target != ignore_index;
     at::Tensor safe = at::where(kept, f.target, at::zeros_like(f.target));
     f.weight = w.gather(1, safe.reshape({batch, -1})).view(f.target.sizes()) * kept;
-  } else {
-    f.weight = kept.to(f.x.scalar_type());
   }
   return f;
+}
+
+// Per sample: the sum of the class weights of its non-ignored elements (the
+// count of them without class weights), as ATen's total_weight.
+at::Tensor nll_total_weight(const NllFrames& f, int64_t ignore_index, int64_t batch) {
+  if (f.weight.defined()) return f.weight.reshape({batch, -1}).sum(1);
+  return (f.target != ignore_index).reshape({batch, -1}).sum(1).to(f.x.scalar_type());
 }
 
 template <auto Forward, bool Spatial>
@@ -336,15 +342,15 @@ std::tuple<at::Tensor, at::Tensor> nll_forward_rule(const at::Tensor& self, cons
   // Unweighted, unreduced: -x[t] per element, 0 where ignored (ATen checks
   // the targets' range here).
   at::Tensor per_elem = std::get<0>(Forward(f.x, f.target, c10::nullopt, at::Reduction::None, ignore_index));
-  per_elem = per_elem * f.weight;
-  at::Tensor total = f.weight.reshape({batch, -1}).sum(1);
-  at::Tensor out;
+  if (f.weight.defined()) per_elem = per_elem * f.weight;
+  at::Tensor out, total;
   if (reduction == at::Reduction::None) {
     out = per_elem.view(f.target_shape);
     // ATen reports a total weight for unreduced losses only for one frame.
-    if (!f.one_frame) total = at::zeros({batch}, total.options());
+    total = f.one_frame ? nll_total_weight(f, ignore_index, batch) : at::zeros({batch}, f.x.options());
   } else {
-    out = per_elem.reshape({batch, -1}).sum(1);
+    out = f.one_frame ? per_elem : per_elem.reshape({batch, -1}).sum(1);
+    total = nll_total_weight(f, ignore_index, batch);
     if (reduction == at::Reduction::Mean) out = out / total;
   }
   return {ft::makeBatched(out, 0, level), ft::makeBatched(total, 0, level)};
@@ -365,11 +371,14 @@ at::Tensor nll_backward_rule(const at::Tensor& grad_output, const at::Tensor& se
     g = g.reshape(f.target.sizes());
   } else {
     if (reduction == at::Reduction::Mean) g = g / batch_first(total_weight, level, batch);
-    std::vector<int64_t> one_per_sample(f.target_shape.size(), 1);
-    one_per_sample[0] = batch;
-    g = g.reshape(one_per_sample).expand(f.target_shape).reshape(f.target.sizes());
+    if (!f.one_frame) {  // one factor per sample -> one per element
+      std::vector<int64_t> one_per_sample(f.target_shape.size(), 1);
+      one_per_sample[0] = batch;
+      g = g.reshape(one_per_sample).expand(f.target_shape).reshape(f.target.sizes());
+    }
   }
-  at::Tensor grad = Backward(g * f.weight, f.x, f.target, c10::nullopt, at::Reduction::None, ignore_index,
+  if (f.weight.defined()) g = g * f.weight;
+  at::Tensor grad = Backward(g, f.x, f.target, c10::nullopt, at::Reduction::None, ignore_index,
                              at::ones({}, f.x.options()));
   return ft::makeBatched(grad.view(f.input_shape), 0, level);
 }
