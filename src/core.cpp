@@ -48,6 +48,7 @@ void fail(const std::string& msg) { TORCH_CHECK(false, "torchfunc::", msg); }
 void ensure_batch_rules();
 void use_allocator_from_environment();  // allocator.cpp: TORCHFUNC_CACHING_ALLOCATOR
 void ensure_escape_check();             // escaped.cpp: escaped grad-level tensors raise
+void ensure_jvp_decompositions();       // jvp_decompositions.cpp: forward mode through softmax, nll, ...
 
 // ---- small helpers ------------------------------------------------------------
 
@@ -349,6 +350,7 @@ JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Ten
                 const char* api, LeafName name) {
   AutodiffScope autodiff;
   const bool prev_fwd = c10::AutogradState::get_tls_state().get_fw_grad_mode();
+  ensure_jvp_decompositions();
   LayerGuard layer([&] { return compat::push_jvp_layer(prev_fwd); });
   const int64_t lvl = layer.level();
   DualLevelGuard dual;  // Note [one forward-AD level]

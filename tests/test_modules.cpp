@@ -760,6 +760,79 @@ TEST_F(TF, NllLossRuleMatchesLoop) {
                "out of bounds");
 }
 
+TEST_F(TF, ClassificationLossHessians) {
+  // hessian (jacfwd(jacrev)) and Hessian-vector products (jvp(grad)) of
+  // cross_entropy / nll_loss: libtorch 1.13 has no forward-mode formula for
+  // nll_loss_backward and _log_softmax_backward_data (torchfunc registers
+  // decompositions). Against double backward, per sample, with padding
+  // labels, class weights and label smoothing.
+  namespace F = torch::nn::functional;
+  Tensor w = torch::randn({4, 6}, torch::kDouble);
+  Tensor class_weights = torch::linspace(0.5, 1.5, 4, torch::kDouble);
+  Tensor xs = torch::randn({5, 3, 6}, torch::kDouble), ys = torch::randint(0, 4, {5, 3});
+  ys[1][2] = -100;
+  ys[3][0] = -100;
+  auto double_backward = [](const std::function<Tensor(const Tensor&)>& f, const Tensor& x0) {
+    Tensor x = x0.detach().requires_grad_(true);
+    Tensor g = torch::autograd::grad({f(x)}, {x}, {}, true, true)[0].reshape(-1);
+    std::vector<Tensor> rows;
+    for (int64_t k = 0; k < g.numel(); ++k) rows.push_back(torch::autograd::grad({g[k]}, {x}, {}, true)[0].reshape(-1));
+    return torch::stack(rows);
+  };
+  for (double smoothing : {0.0, 0.25}) {
+    for (bool sum : {false, true}) {
+      for (bool use_nll : {false, true}) {
+        SCOPED_TRACE(std::string(use_nll ? "nll_loss" : "cross_entropy") + " smoothing " + std::to_string(smoothing) +
+                     (sum ? " sum" : " mean"));
+        if (use_nll && smoothing > 0) continue;
+        auto loss = [&](const Tensor& x, const Tensor& y) {
+          Tensor logits = torch::matmul(x, w.t());
+          if (use_nll) {
+            return torch::nll_loss(torch::log_softmax(logits, 1), y, class_weights, sum ? at::Reduction::Sum : at::Reduction::Mean);
+          }
+          auto o = F::CrossEntropyFuncOptions().label_smoothing(smoothing).weight(class_weights);
+          if (sum) o.reduction(torch::kSum);
+          return F::cross_entropy(logits, y, o);
+        };
+        Tensor H = func::vmap(func::hessian(loss))(xs, ys);
+        Tensor v = torch::randn({5, 3, 6}, torch::kDouble);
+        Tensor hvp = func::vmap([&](const Tensor& x, const Tensor& y, const Tensor& t) {
+          return func::jvp([&](const Tensor& z) { return func::grad(loss)(z, y); }, std::tuple{x}, std::tuple{t}).second;
+        })(xs, ys, v);
+        for (int64_t i = 0; i < 5; ++i) {
+          Tensor ref = double_backward([&](const Tensor& x) { return loss(x, ys[i]); }, xs[i]);
+          expect_close(H[i].reshape({18, 18}), ref, 1e-10);
+          expect_close(hvp[i].reshape(-1), ref.mv(v[i].reshape(-1)), 1e-10);
+        }
+      }
+    }
+  }
+  // Images (nll_loss2d, ignored pixels): an HVP in the kernel of a conv.
+  Tensor conv = torch::randn({4, 2, 3, 3}, torch::kDouble), img = torch::randn({1, 2, 5, 5}, torch::kDouble);
+  Tensor labels = torch::randint(0, 4, {1, 3, 3});
+  labels[0][1][1] = -100;
+  auto seg = [&](const Tensor& k) { return F::cross_entropy(torch::conv2d(img, k), labels); };
+  Tensor t = torch::randn_like(conv);
+  Tensor hvp = func::jvp(func::grad(seg), std::tuple{conv}, std::tuple{t}).second;
+  expect_close(hvp.reshape(-1), double_backward(seg, conv).mv(t.reshape(-1)), 1e-10);
+
+  // The other ops: softmax, log_sigmoid, trace (and float32 log_softmax).
+  Tensor c = torch::randn({4}, torch::kDouble);
+  auto mixed = [&](const Tensor& x) {
+    Tensor z = torch::mv(w, x);
+    return (torch::softmax(z, 0) * c).sum() + F::logsigmoid(z).sum() + torch::trace(torch::outer(z, z.sin()));
+  };
+  Tensor x0 = torch::randn({6}, torch::kDouble);
+  expect_close(func::hessian(mixed)(x0), double_backward(mixed, x0), 1e-10);
+  auto single = [&](const Tensor& x) { return torch::log_softmax(torch::mv(w.to(torch::kFloat), x), 0)[1]; };
+  Tensor xf = x0.to(torch::kFloat);
+  expect_close(func::hessian(single)(xf), double_backward(single, xf), 1e-4);
+#if TORCH_VERSION_MAJOR < 2
+  auto own = func::detail::own_jvp_decompositions();
+  EXPECT_EQ(own.size(), 7u);
+#endif
+}
+
 TEST_F(TF, PreluUnderVmapMatchesLoop) {
   // libtorch 1.13's prelu batching rules fail for nn::PReLU's default
   // one-element weight and for 1-D inputs; torchfunc replaces them there.

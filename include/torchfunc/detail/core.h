@@ -110,6 +110,9 @@ size_t layer_depth();
 /// (src/batch_rules.cpp), e.g. "aten::mse_loss_backward". Registers them on
 /// first use; vmap does so too.
 const std::vector<std::string>& own_batch_rules();
+/// Ops whose forward-mode derivative torchfunc supplies (a TorchScript
+/// decomposition libtorch runs under forward AD; src/jvp_decompositions.cpp).
+const std::vector<std::string>& own_jvp_decompositions();
 
 // ---- errors ------------------------------------------------------------------
 /// Throws c10::Error with "torchfunc::" + msg.
