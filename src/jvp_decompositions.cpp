@@ -8,7 +8,9 @@
 // registers those decompositions when it is imported; a C++ program has none.
 // Without them, every forward-over-reverse composition (hessian =
 // jacfwd(jacrev), Hessian-vector products jvp(grad), jacfwd of a gradient)
-// through softmax, log_softmax, cross_entropy / nll_loss, log_sigmoid or trace
+// through softmax, log_softmax, cross_entropy / nll_loss, log_sigmoid, trace,
+// layer norm or batch norm (nn::LayerNorm, nn::Transformer*, nn::BatchNorm*,
+// nn::InstanceNorm*)
 // fails. torchfunc registers its own decompositions of these ops (the same
 // math as ATen's kernels, written with ops that have forward-mode formulas)
 // the first time a forward-mode transform runs. They are used only where the
@@ -66,6 +68,93 @@ def log_sigmoid_forward(self: Tensor) -> Tuple[Tensor, Tensor]:
 def log_sigmoid_backward(grad_output: Tensor, self: Tensor, buffer: Tensor) -> Tensor:
     return grad_output * torch.sigmoid(-self)
 
+def reduce_or_keep(t: Tensor, dims: List[int]) -> Tensor:
+    # sum over dims; over no dims is the tensor itself (torch.sum(dim=[]) sums all)
+    if len(dims) == 0:
+        return t
+    return torch.sum(t, dim=dims)
+
+def native_layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape: List[int], mean: Tensor,
+                               rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                               output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    axis = input.dim() - len(normalized_shape)
+    inner: List[int] = []
+    outer: List[int] = []
+    for d in range(input.dim()):
+        if d < axis:
+            outer.append(d)
+        else:
+            inner.append(d)
+    n = 1
+    for size in normalized_shape:
+        n = n * size
+    # Statistics recomputed from input so that they carry its tangent; eps
+    # recovered from the saved rstd.
+    mu = torch.mean(input, dim=inner, keepdim=True)
+    var = torch.var(input, dim=inner, unbiased=False, keepdim=True)
+    eps = (torch.pow(rstd.reshape(var.shape), -2) - var).detach()
+    r = torch.rsqrt(var + eps)
+    x_hat = (input - mu) * r
+    g = grad_out
+    if weight is not None:
+        g = grad_out * weight
+    # Outputs not asked for (output_mask) are zeros: the caller wants Tensors.
+    d_input = torch.zeros_like(input)
+    d_weight = torch.zeros([0], dtype=input.dtype, device=input.device)
+    d_bias = torch.zeros([0], dtype=input.dtype, device=input.device)
+    if weight is not None:
+        d_weight = torch.zeros_like(weight)
+    if bias is not None:
+        d_bias = torch.zeros_like(bias)
+    if output_mask[0]:
+        d_input = (r / n) * (n * g - torch.sum(g, dim=inner, keepdim=True)
+                             - x_hat * torch.sum(g * x_hat, dim=inner, keepdim=True))
+    if output_mask[1] and weight is not None:
+        d_weight = reduce_or_keep(grad_out * x_hat, outer)
+    if output_mask[2] and bias is not None:
+        d_bias = reduce_or_keep(grad_out, outer)
+    return d_input, d_weight, d_bias
+
+def native_batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
+                               running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                               save_mean: Optional[Tensor], save_invstd: Optional[Tensor], train: bool, eps: float,
+                               output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    reduce: List[int] = []
+    shape: List[int] = []
+    for d in range(input.dim()):
+        if d != 1:
+            reduce.append(d)
+            shape.append(1)
+        else:
+            shape.append(input.size(1))
+    n = input.numel() // input.size(1)
+    if train:
+        # Statistics recomputed from input so that they carry its tangent.
+        mean = torch.mean(input, dim=reduce)
+        invstd = torch.rsqrt(torch.var(input, dim=reduce, unbiased=False) + eps)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean = running_mean
+        invstd = torch.rsqrt(running_var + eps)
+    x_hat = (input - mean.reshape(shape)) * invstd.reshape(shape)
+    scale = invstd
+    if weight is not None:
+        scale = invstd * weight
+    d_input = torch.zeros_like(input)
+    d_weight = torch.zeros_like(invstd)
+    d_bias = torch.zeros_like(invstd)
+    if output_mask[0]:
+        if train:
+            d_input = (scale.reshape(shape) / n) * (n * grad_out - torch.sum(grad_out, dim=reduce, keepdim=True)
+                                                    - x_hat * torch.sum(grad_out * x_hat, dim=reduce, keepdim=True))
+        else:
+            d_input = grad_out * scale.reshape(shape)
+    if output_mask[1]:
+        d_weight = torch.sum(grad_out * x_hat, dim=reduce)
+    if output_mask[2]:
+        d_bias = torch.sum(grad_out, dim=reduce)
+    return d_input, d_weight, d_bias
+
 def trace(self: Tensor) -> Tensor:
     return torch.sum(torch.diag(self))
 )JIT";
@@ -83,6 +172,8 @@ constexpr Decomposition kDecompositions[] = {
     {"aten::log_sigmoid_forward", "", "log_sigmoid_forward"},
     {"aten::log_sigmoid_backward", "", "log_sigmoid_backward"},
     {"aten::trace", "", "trace"},
+    {"aten::native_layer_norm_backward", "", "native_layer_norm_backward"},
+    {"aten::native_batch_norm_backward", "", "native_batch_norm_backward"},
 };
 
 std::vector<std::string> register_all() {

@@ -760,12 +760,12 @@ TEST_F(TF, NllLossRuleMatchesLoop) {
                "out of bounds");
 }
 
-TEST_F(TF, ClassificationLossHessians) {
-  // hessian (jacfwd(jacrev)) and Hessian-vector products (jvp(grad)) of
-  // cross_entropy / nll_loss: libtorch 1.13 has no forward-mode formula for
-  // nll_loss_backward and _log_softmax_backward_data (torchfunc registers
-  // decompositions). Against double backward, per sample, with padding
-  // labels, class weights and label smoothing.
+TEST_F(TF, ForwardOverReverseThroughDecomposedOps) {
+  // hessian (jacfwd(jacrev)) and Hessian-vector products (jvp(grad)) through
+  // the ops for which libtorch 1.13 has no forward-mode formula of its own
+  // (torchfunc registers decompositions): cross_entropy / nll_loss (per
+  // sample, padding labels, class weights, label smoothing), softmax,
+  // log_sigmoid, trace, layer / batch / instance norm. Against double backward.
   namespace F = torch::nn::functional;
   Tensor w = torch::randn({4, 6}, torch::kDouble);
   Tensor class_weights = torch::linspace(0.5, 1.5, 4, torch::kDouble);
@@ -827,9 +827,27 @@ TEST_F(TF, ClassificationLossHessians) {
   auto single = [&](const Tensor& x) { return torch::log_softmax(torch::mv(w.to(torch::kFloat), x), 0)[1]; };
   Tensor xf = x0.to(torch::kFloat);
   expect_close(func::hessian(single)(xf), double_backward(single, xf), 1e-4);
+  // Normalization: layer norm, batch norm in training mode (batch statistics)
+  // and in eval mode (running statistics), instance norm; Hessians in the
+  // input and in the layer-norm weight.
+  Tensor w8 = torch::randn({8, 6}, torch::kDouble), lw = torch::randn({4}, torch::kDouble);
+  Tensor lb = torch::randn({4}, torch::kDouble), bw = torch::randn({2}, torch::kDouble);
+  Tensor bb = torch::randn({2}, torch::kDouble), rm = torch::randn({2}, torch::kDouble);
+  Tensor rv = torch::rand({2}, torch::kDouble) + 0.5, coef = torch::randn({8}, torch::kDouble);
+  auto norms = [&](const Tensor& x, const Tensor& lw) {
+    Tensor z = torch::tanh(torch::mv(w8, x));
+    Tensor a = torch::layer_norm(z.view({2, 4}), {4}, lw, lb).reshape(-1);
+    Tensor b = torch::batch_norm(z.view({4, 2}), bw, bb, {}, {}, true, 0.1, 1e-5, false).reshape(-1);
+    Tensor c = torch::batch_norm(z.view({4, 2}), bw, bb, rm, rv, false, 0.1, 1e-5, false).reshape(-1);
+    Tensor d = torch::instance_norm(z.view({1, 2, 4}), {}, {}, {}, {}, true, 0.1, 1e-5, false).reshape(-1);
+    return (coef * (a * a + b.sin() + c * z + d * a)).sum();
+  };
+  expect_close(func::hessian(norms)(x0, lw), double_backward([&](const Tensor& x) { return norms(x, lw); }, x0), 1e-9);
+  expect_close(func::hessian(norms, func::argnum<1>)(x0, lw),
+               double_backward([&](const Tensor& l) { return norms(x0, l); }, lw), 1e-9);
 #if TORCH_VERSION_MAJOR < 2
   auto own = func::detail::own_jvp_decompositions();
-  EXPECT_EQ(own.size(), 7u);
+  EXPECT_EQ(own.size(), 9u);
 #endif
 }
 
