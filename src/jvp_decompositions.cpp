@@ -29,8 +29,9 @@ namespace torchfunc {
 namespace detail {
 namespace {
 
-// TorchScript: one function per op, taking the op's arguments in order.
-// (ScalarType arguments are ints in TorchScript.)
+// TorchScript: one self-contained function per op, taking the op's arguments
+// in order (ScalarType arguments are ints in TorchScript). Each is compiled
+// on its own, so one that a libtorch cannot compile costs only its op.
 constexpr const char* kSource = R"JIT(
 def log_softmax_backward(grad_output: Tensor, output: Tensor, dim: int, input_dtype: int) -> Tensor:
     grad_input = grad_output - torch.exp(output) * torch.sum(grad_output, dim=dim, keepdim=True)
@@ -68,12 +69,6 @@ def log_sigmoid_forward(self: Tensor) -> Tuple[Tensor, Tensor]:
 def log_sigmoid_backward(grad_output: Tensor, self: Tensor, buffer: Tensor) -> Tensor:
     return grad_output * torch.sigmoid(-self)
 
-def reduce_or_keep(t: Tensor, dims: List[int]) -> Tensor:
-    # sum over dims; over no dims is the tensor itself (torch.sum(dim=[]) sums all)
-    if len(dims) == 0:
-        return t
-    return torch.sum(t, dim=dims)
-
 def native_layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape: List[int], mean: Tensor,
                                rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                                output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -109,10 +104,15 @@ def native_layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape
     if output_mask[0]:
         d_input = (r / n) * (n * g - torch.sum(g, dim=inner, keepdim=True)
                              - x_hat * torch.sum(g * x_hat, dim=inner, keepdim=True))
+    # (torch.sum over an empty dim list would sum over all dims)
     if output_mask[1] and weight is not None:
-        d_weight = reduce_or_keep(grad_out * x_hat, outer)
+        d_weight = grad_out * x_hat
+        if len(outer) > 0:
+            d_weight = torch.sum(d_weight, dim=outer)
     if output_mask[2] and bias is not None:
-        d_bias = reduce_or_keep(grad_out, outer)
+        d_bias = grad_out
+        if len(outer) > 0:
+            d_bias = torch.sum(d_bias, dim=outer)
     return d_input, d_weight, d_bias
 
 def native_batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
@@ -176,22 +176,32 @@ constexpr Decomposition kDecompositions[] = {
     {"aten::native_batch_norm_backward", "", "native_batch_norm_backward"},
 };
 
+// The source of one top-level function of kSource.
+std::string function_source(const std::string& name) {
+  const std::string all(kSource), head = "\ndef " + name + "(";
+  const size_t begin = all.find(head);
+  TORCH_INTERNAL_ASSERT(begin != std::string::npos, "torchfunc: no TorchScript function ", name);
+  const size_t end = all.find("\ndef ", begin + 1);
+  return all.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+}
+
 std::vector<std::string> register_all() {
   std::vector<std::string> names;
-  auto cu = torch::jit::compile(kSource);
   for (const Decomposition& d : kDecompositions) {
     auto op = c10::Dispatcher::singleton().findSchema({d.op, d.overload});
     if (!op) continue;
     // The registry is keyed by the dispatcher's own schema object.
     const c10::FunctionSchema& schema = op->schema();
-    if (torch::jit::has_jit_decomposition(schema)) continue;  // someone (Python) registered one
     try {
+      if (torch::jit::has_jit_decomposition(schema)) continue;  // registered already (by Python, say)
+      auto cu = torch::jit::compile(function_source(d.function));
       auto graph = torch::jit::toGraphFunction(cu->get_function(d.function)).graph()->copy();
       torch::jit::RegisterDecomposition(schema, graph);
       names.push_back(std::string(d.op));
-    } catch (const c10::Error&) {
-      // A libtorch whose schema differs from the function here: the op keeps
-      // its own behaviour (a forward-mode error if it has no formula).
+    } catch (const std::exception&) {  // c10::Error, torch::jit::ErrorReport
+      // A libtorch that cannot compile the function, or whose schema differs
+      // from it: the op keeps its own behaviour (a forward-mode error if it
+      // has no formula).
     }
   }
   return names;
