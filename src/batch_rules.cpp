@@ -14,7 +14,8 @@
 // per-sample loops for every Upsample / MaxPool3d layer).
 //
 // aten::rrelu_with_noise (+ backward): nn::RReLU in eval mode (1.13 refuses
-// it under vmap as a random op).
+// it under vmap as a random op). aten::hardsigmoid: decomposed inside
+// transforms on 1.13 (no forward-mode formula for its backward).
 //
 // aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
 // default one-element weight of nn::PReLU and for 1-D inputs) and aten::
@@ -440,6 +441,17 @@ at::Tensor cross_entropy_decomposed(const at::Tensor& self, const at::Tensor& ta
   return (1 - label_smoothing) * nll + smooth * (label_smoothing / classes);
 }
 
+// ---- hardsigmoid (a decomposition inside every transform, 1.13) ------------------
+// libtorch 1.13 has no forward-mode formula for hardsigmoid_backward (nor a
+// decomposition it could run instead), so hessian / jvp(grad) through
+// nn::Hardsigmoid failed. Inside transforms it is computed with where: the
+// values of ATen's kernel ((x + 3) / 6 clamped to [0, 1]) and its derivative
+// (1/6 strictly inside (-3, 3), 0 elsewhere).
+at::Tensor hardsigmoid_decomposed(const at::Tensor& self) {
+  at::Tensor inside = (self > -3) & (self < 3);
+  return at::where(inside, (self + 3) / 6, (self >= 3).to(self.scalar_type()));
+}
+
 // ---- masked_scatter / masked_scatter_ ----------------------------------------
 // Per sample, the positions where mask is true take source's elements in
 // order. Batched: the k-th true position of sample b takes element k of
@@ -731,6 +743,12 @@ const std::vector<std::string>& own_batch_rules() {
         TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bicubic2d_backward>)));
     add("upsample_trilinear3d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale, Scale, Scale>::rule<&at::upsample_trilinear3d_backward>)));
+    // Decompositions inside every transform (see cross_entropy_decomposed).
+    auto front_mode = []() -> torch::Library& {
+      static torch::Library front(torch::Library::IMPL, "aten", c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
+                                  __FILE__, __LINE__);
+      return front;
+    };
     // Over libtorch's own kernel (known to be wrong there), at any key.
     auto replace = [&](torch::Library& at_key, const char* op, auto kernel) {
       compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
@@ -748,15 +766,14 @@ const std::vector<std::string>& own_batch_rules() {
       static auto vmap_mode = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
                                                                c10::DispatchKey::FuncTorchVmapMode, __FILE__, __LINE__);
       replace(*vmap_mode, "rrelu_with_noise", TORCH_FN(rrelu_with_noise_vmap_mode));
+      replace(front_mode(), "hardsigmoid", TORCH_FN(hardsigmoid_decomposed));
     }
     if constexpr (compat::kReplaceNllLossBatchRules) {
       replace(*lib, "nll_loss_forward", TORCH_FN((nll_forward_rule<&at::nll_loss_forward, false>)));
       replace(*lib, "nll_loss_backward", TORCH_FN((nll_backward_rule<&at::nll_loss_backward, false>)));
       replace(*lib, "nll_loss2d_forward", TORCH_FN((nll_forward_rule<&at::nll_loss2d_forward, true>)));
       replace(*lib, "nll_loss2d_backward", TORCH_FN((nll_backward_rule<&at::nll_loss2d_backward, true>)));
-      static auto front = std::make_unique<torch::Library>(
-          torch::Library::IMPL, "aten", c10::DispatchKey::FuncTorchDynamicLayerFrontMode, __FILE__, __LINE__);
-      replace(*front, "cross_entropy_loss", TORCH_FN(cross_entropy_decomposed));
+      replace(front_mode(), "cross_entropy_loss", TORCH_FN(cross_entropy_decomposed));
     }
     return names;
   }();

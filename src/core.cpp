@@ -109,6 +109,7 @@ class LayerGuard {
   explicit LayerGuard(Push&& push) : depth_(compat::layer_depth()) {
     use_allocator_from_environment();
     ensure_escape_check();
+    ensure_batch_rules();  // also decompositions used under grad / jvp alone
     level_ = push();
   }
   ~LayerGuard() {

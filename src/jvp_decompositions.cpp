@@ -9,6 +9,7 @@
 // Without them, every forward-over-reverse composition (hessian =
 // jacfwd(jacrev), Hessian-vector products jvp(grad), jacfwd of a gradient)
 // through softmax, log_softmax, cross_entropy / nll_loss, log_sigmoid, trace,
+// logcumsumexp,
 // layer norm or batch norm (nn::LayerNorm, nn::Transformer*, nn::BatchNorm*,
 // nn::InstanceNorm*)
 // fails. torchfunc registers its own decompositions of these ops (the same
@@ -155,6 +156,18 @@ def native_batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional
         d_bias = torch.sum(grad_out, dim=reduce)
     return d_input, d_weight, d_bias
 
+def logcumsumexp(self: Tensor, dim: int) -> Tensor:
+    # out[i] = logsumexp(x[j] for j <= i): a masked [L, L] logsumexp (stable,
+    # and every op in it has a forward-mode formula).
+    if self.dim() == 0:
+        return self.clone()
+    x = self.movedim(dim, -1)
+    n = x.size(-1)
+    lower = torch.ones([n, n], device=self.device).tril() > 0
+    minus_inf = torch.full([1], float('-inf'), dtype=x.dtype, device=x.device)
+    out = torch.logsumexp(torch.where(lower, x.unsqueeze(-2), minus_inf), dim=-1)
+    return out.movedim(-1, dim)
+
 def trace(self: Tensor) -> Tensor:
     return torch.sum(torch.diag(self))
 )JIT";
@@ -172,6 +185,7 @@ constexpr Decomposition kDecompositions[] = {
     {"aten::log_sigmoid_forward", "", "log_sigmoid_forward"},
     {"aten::log_sigmoid_backward", "", "log_sigmoid_backward"},
     {"aten::trace", "", "trace"},
+    {"aten::logcumsumexp", "", "logcumsumexp"},
     {"aten::native_layer_norm_backward", "", "native_layer_norm_backward"},
     {"aten::native_batch_norm_backward", "", "native_batch_norm_backward"},
 };

@@ -516,7 +516,7 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
                          "aten::multi_margin_loss", "aten::multi_margin_loss_backward",
                          "aten::multilabel_margin_loss", "aten::multilabel_margin_loss_forward",
                          "aten::multilabel_margin_loss_backward", "aten::nll_loss_forward",
-                         "aten::nll_loss_backward", "aten::cross_entropy_loss"}) {
+                         "aten::nll_loss_backward", "aten::cross_entropy_loss", "aten::hardsigmoid"}) {
     EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
   }
 #endif
@@ -765,7 +765,8 @@ TEST_F(TF, ForwardOverReverseThroughDecomposedOps) {
   // the ops for which libtorch 1.13 has no forward-mode formula of its own
   // (torchfunc registers decompositions): cross_entropy / nll_loss (per
   // sample, padding labels, class weights, label smoothing), softmax,
-  // log_sigmoid, trace, layer / batch / instance norm. Against double backward.
+  // log_sigmoid, trace, layer / batch / instance norm, hardsigmoid,
+  // logcumsumexp. Against double backward.
   namespace F = torch::nn::functional;
   Tensor w = torch::randn({4, 6}, torch::kDouble);
   Tensor class_weights = torch::linspace(0.5, 1.5, 4, torch::kDouble);
@@ -845,9 +846,43 @@ TEST_F(TF, ForwardOverReverseThroughDecomposedOps) {
   expect_close(func::hessian(norms)(x0, lw), double_backward([&](const Tensor& x) { return norms(x, lw); }, x0), 1e-9);
   expect_close(func::hessian(norms, func::argnum<1>)(x0, lw),
                double_backward([&](const Tensor& l) { return norms(x0, l); }, lw), 1e-9);
+  // hardsigmoid (decomposed inside transforms on 1.13) and logcumsumexp: an
+  // HVP without vmap (jvp(grad) alone), a Hessian, and per-sample values and
+  // gradients under vmap against a loop.
+  auto hard = [&](const Tensor& x) {
+    Tensor z = torch::mv(w8, x) * 2;
+    return (coef * torch::hardsigmoid(z) * z).sum() + torch::logcumsumexp(z, 0).pow(2).sum();
+  };
+  Tensor tangent = torch::randn({6}, torch::kDouble);
+  // (libtorch 1.13 cannot double-backward hardsigmoid: the reference is finite
+  // differences of its autograd gradient.)
+  Tensor h_hard = fd_jacobian([&](const Tensor& x) {
+    torch::AutoGradMode enable(true);
+    Tensor xr = x.detach().requires_grad_(true);
+    return torch::autograd::grad({hard(xr)}, {xr})[0];
+  }, x0);
+  expect_close(func::jvp(func::grad(hard), std::tuple{x0}, std::tuple{tangent}).second, h_hard.mv(tangent), 1e-6);
+  expect_close(func::hessian(hard)(x0), h_hard, 1e-6);
+  expect_close(func::jacrev(func::jacrev(hard))(x0), h_hard, 1e-6);
+  Tensor many = torch::randn({7, 6}, torch::kDouble);
+  Tensor per_sample = func::vmap(func::grad(hard))(many), values = func::vmap(hard)(many);
+  for (int64_t i = 0; i < 7; ++i) {
+    Tensor xi = many[i].detach().requires_grad_(true);
+    Tensor ref = hard(xi);
+    // (logcumsumexp's batched kernel rounds differently: ~1e-8 on values ~1e3)
+    expect_close(values[i], ref, 1e-6);
+    expect_close(per_sample[i], torch::autograd::grad({ref}, {xi})[0], 1e-6);
+  }
+  // The decomposition gives ATen's kernel's values bit for bit, and its
+  // derivative (0 outside (-3, 3)).
+  Tensor points = torch::linspace(-5, 5, 41, torch::kFloat);
+  expect_close(func::vmap([](const Tensor& p) { return torch::hardsigmoid(p); })(points), torch::hardsigmoid(points), 0);
+  Tensor pr = points.detach().requires_grad_(true);
+  expect_close(func::vmap(func::grad([](const Tensor& p) { return torch::hardsigmoid(p); }))(points),
+               torch::autograd::grad({torch::hardsigmoid(pr).sum()}, {pr})[0], 0);
 #if TORCH_VERSION_MAJOR < 2
   auto own = func::detail::own_jvp_decompositions();
-  EXPECT_EQ(own.size(), 9u);
+  EXPECT_EQ(own.size(), 10u);
 #endif
 }
 
