@@ -24,7 +24,7 @@
 // aten::nll_loss_forward / nll_loss2d_forward (+ backwards) and aten::
 // cross_entropy_loss (replaced on every version: targets equal to
 // ignore_index, the usual padding label, fail under libtorch's rules), the
-// margin losses and masked_scatter (missing in 1.13).
+// margin losses, masked_scatter, nansum and nanmean (missing in 1.13).
 //
 // Pointwise losses and their backward ops (mse_loss_backward, smooth_l1_loss,
 // huber_loss, soft_margin_loss and their backwards): missing in 1.13 (a loop
@@ -452,6 +452,32 @@ at::Tensor hardsigmoid_decomposed(const at::Tensor& self) {
   return at::where(inside, (self + 3) / 6, (self >= 3).to(self.scalar_type()));
 }
 
+// ---- nansum / nanmean (missing in 1.13) -------------------------------------------
+// Per-sample reductions over the given dims (none or empty: all of a sample's
+// dims), shifted past the batch dim.
+template <auto Op>
+at::Tensor nan_reduction_batched(const at::Tensor& self, at::OptionalIntArrayRef dim, bool keepdim,
+                                 c10::optional<at::ScalarType> dtype) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("nansum / nanmean");
+  auto* b = compat::batched_at(self, level);
+  if (!b) return Op(self, dim, keepdim, dtype);
+  at::Tensor x = b->value().movedim(b->bdim(), 0);
+  const int64_t rank = x.dim() - 1;  // per sample
+  if (rank == 0) {  // one element per sample (dim may only name it as 0 / -1)
+    if (dim.has_value())
+      for (int64_t d : *dim) (void)c10::maybe_wrap_dim(d, 0);
+    return ft::makeBatched(Op(x.unsqueeze(1), at::IntArrayRef{1}, false, dtype), 0, level);
+  }
+  std::vector<int64_t> dims;
+  if (dim.has_value() && !dim->empty()) {
+    for (int64_t d : *dim) dims.push_back(c10::maybe_wrap_dim(d, rank) + 1);
+  } else {
+    for (int64_t d = 1; d <= rank; ++d) dims.push_back(d);
+  }
+  return ft::makeBatched(Op(x, dims, keepdim, dtype), 0, level);
+}
+
 // ---- masked_scatter / masked_scatter_ ----------------------------------------
 // Per sample, the positions where mask is true take source's elements in
 // order. Batched: the k-th true position of sample b takes element k of
@@ -721,6 +747,8 @@ const std::vector<std::string>& own_batch_rules() {
     add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
     add("equal", "", TORCH_FN(equal_batched));
     add("masked_scatter", "", TORCH_FN(masked_scatter_batched));
+    add("nansum", "", TORCH_FN(nan_reduction_batched<&at::nansum>));
+    add("nanmean", "", TORCH_FN(nan_reduction_batched<&at::nanmean>));
     add("masked_scatter_", "", TORCH_FN(masked_scatter_inplace_batched));
     add("multi_margin_loss", "", TORCH_FN(multi_margin_loss_batched));
     add("multi_margin_loss_backward", "", TORCH_FN(multi_margin_loss_backward_batched));

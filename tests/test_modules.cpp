@@ -516,7 +516,8 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
                          "aten::multi_margin_loss", "aten::multi_margin_loss_backward",
                          "aten::multilabel_margin_loss", "aten::multilabel_margin_loss_forward",
                          "aten::multilabel_margin_loss_backward", "aten::nll_loss_forward",
-                         "aten::nll_loss_backward", "aten::cross_entropy_loss", "aten::hardsigmoid"}) {
+                         "aten::nll_loss_backward", "aten::cross_entropy_loss", "aten::hardsigmoid",
+                         "aten::nansum", "aten::nanmean"}) {
     EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
   }
 #endif
@@ -884,6 +885,41 @@ TEST_F(TF, ForwardOverReverseThroughDecomposedOps) {
   auto own = func::detail::own_jvp_decompositions();
   EXPECT_EQ(own.size(), 10u);
 #endif
+}
+
+TEST_F(TF, NanReductionRulesMatchLoop) {
+  // nansum and nanmean under vmap: every dim
+  // spelling, keepdim, a dtype, per-sample scalars, per-sample gradients;
+  // against loops, with no op left to libtorch's fallback.
+  Tensor xs = torch::randn({5, 3, 4});
+  xs.view(-1).index_put_({torch::tensor({1, 7, 20, 33, 59})}, std::numeric_limits<float>::quiet_NaN());
+  FallbackLog log;
+  using Reduce = std::function<Tensor(const Tensor&)>;
+  const std::vector<std::pair<std::string, Reduce>> reductions{
+      {"all", [](const Tensor& x) { return x.nansum(); }},
+      {"dim 1", [](const Tensor& x) { return x.nansum(1); }},
+      {"dims -1,0 keepdim", [](const Tensor& x) { return x.nansum({-1, 0}, true); }},
+      {"dtype double", [](const Tensor& x) { return at::nansum(x, at::IntArrayRef{0}, false, torch::kDouble); }},
+      {"nanmean dim 0", [](const Tensor& x) { return x.nanmean(0); }},
+      {"scalar per sample", [](const Tensor& x) { return x[0][1].nansum(0); }}};
+  for (const auto& [name, f] : reductions) {
+    SCOPED_TRACE(name);
+    Tensor out = func::vmap(f)(xs);
+    Tensor moved = func::vmap(f, 2)(xs.permute({1, 2, 0}).contiguous());  // batch dim 2 of [3, 4, 5]
+    for (int64_t i = 0; i < 5; ++i) {
+      expect_close(out[i], f(xs[i]), 1e-6);
+      EXPECT_EQ(out[i].scalar_type(), f(xs[i]).scalar_type());
+    }
+    expect_close(moved, out, 1e-6);
+  }
+  auto sq = [](const Tensor& x) { return (x * x.sin()).nansum() + x.nanmean(1).nansum(); };
+  Tensor g = func::vmap(func::grad(sq))(xs);
+  for (int64_t i = 0; i < 5; ++i) {
+    Tensor xi = xs[i].detach().requires_grad_(true);
+    Tensor ref = torch::autograd::grad({sq(xi)}, {xi})[0];
+    EXPECT_TRUE(torch::allclose(g[i], ref, 1e-5, 1e-6, /*equal_nan=*/true));
+  }
+  EXPECT_EQ(log.ops, "");
 }
 
 TEST_F(TF, PreluUnderVmapMatchesLoop) {
