@@ -1,6 +1,6 @@
 // Batching rules for ops that libtorch's functorch core runs through its slow
-// per-sample fallback, or cannot run at all under vmap. Registered once, on
-// the first vmap (see ensure_batch_rules), and only for ops that have no
+// per-sample fallback, or cannot run at all under vmap. Registered once, by
+// the first transform (see ensure_batch_rules), and only for ops that have no
 // FuncTorchBatched kernel yet, so a libtorch that ships a rule keeps its own.
 //
 // aten::unsafe_split.Tensor (missing in 1.13): returns a list of tensors,

@@ -85,7 +85,6 @@ constexpr bool kSerializeThreads = true;
 
 inline size_t layer_depth() { return ft::getDynamicLayerStack().size(); }
 
-
 inline void pop_layer() { ft::popDynamicLayerAndDeleteMetadata(); }
 
 /// (value, bdim) if t is batched at exactly `level`.

@@ -44,11 +44,22 @@ size_t layer_depth() { return compat::layer_depth(); }
 
 void fail(const std::string& msg) { TORCH_CHECK(false, "torchfunc::", msg); }
 
-// Registers the batching rules libtorch lacks, once (src/batch_rules.cpp).
-void ensure_batch_rules();
+void ensure_batch_rules();              // batch_rules.cpp: rules and decompositions libtorch lacks
 void use_allocator_from_environment();  // allocator.cpp: TORCHFUNC_CACHING_ALLOCATOR
 void ensure_escape_check();             // escaped.cpp: escaped grad-level tensors raise
 void ensure_jvp_decompositions();       // jvp_decompositions.cpp: forward mode through softmax, nll, ...
+
+// What the first transform of the process sets up; every later one pays a
+// single static check.
+static void setup_once() {
+  static const bool done = [] {
+    use_allocator_from_environment();
+    ensure_escape_check();
+    ensure_batch_rules();
+    return true;
+  }();
+  (void)done;
+}
 
 // ---- small helpers ------------------------------------------------------------
 
@@ -107,9 +118,7 @@ class LayerGuard {
  public:
   template <class Push>
   explicit LayerGuard(Push&& push) : depth_(compat::layer_depth()) {
-    use_allocator_from_environment();
-    ensure_escape_check();
-    ensure_batch_rules();  // also decompositions used under grad / jvp alone
+    setup_once();
     level_ = push();
   }
   ~LayerGuard() {
@@ -501,7 +510,6 @@ std::string vmap_prefix(const VmapConfig& cfg) {
 /// batch dims moved to the normalised out_dims (written to `out_dims`).
 Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch, const VmapConfig& cfg,
                   FlatFn f, std::vector<OptDim>& out_dims) {
-  ensure_batch_rules();
   LayerGuard layer([&] { return compat::push_vmap_layer(batch, to_functorch(cfg.randomness)); });
   const int64_t lvl = layer.level();
   Tensors batched;

@@ -108,7 +108,7 @@ size_t layer_depth();
 
 /// The batching rules torchfunc registered because this libtorch has none
 /// (src/batch_rules.cpp), e.g. "aten::mse_loss_backward". Registers them on
-/// first use; vmap does so too.
+/// first use; the first transform does so too.
 const std::vector<std::string>& own_batch_rules();
 /// Ops whose forward-mode derivative torchfunc supplies (a TorchScript
 /// decomposition libtorch runs under forward AD; src/jvp_decompositions.cpp).
