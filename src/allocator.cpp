@@ -1,6 +1,7 @@
 #include <torchfunc/allocator.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include <c10/core/CPUAllocator.h>
@@ -27,7 +28,17 @@ class CachingCpuAllocator final : public c10::Allocator {
     return *a;
   }
 
-  c10::DataPtr allocate(size_t n) const override {
+  // c10::Allocator::allocate is const up to libtorch 2.2 and non-const from
+  // 2.3 on, where copy_data also became pure virtual. Defining both
+  // spellings (without `override`, on purpose) overrides whichever this
+  // libtorch declares; see src/compat.h for the other version differences.
+  c10::DataPtr allocate(size_t n) { return allocate_impl(n); }
+  c10::DataPtr allocate(size_t n) const { return allocate_impl(n); }
+  void copy_data(void* dest, const void* src, std::size_t count) const {
+    if (count) std::memcpy(dest, src, count);
+  }
+
+  c10::DataPtr allocate_impl(size_t n) const {
     if (n < kLarge) {
       void* p = c10::alloc_cpu(n);
       return {p, p, &free_any, c10::Device(c10::DeviceType::CPU)};

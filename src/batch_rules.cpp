@@ -13,13 +13,12 @@
 // backward ops and max_pool3d_with_indices (+ backward) (missing in 1.13:
 // per-sample loops for every Upsample / MaxPool3d layer).
 //
-// aten::rrelu_with_noise (+ backward): nn::RReLU in eval mode (1.13 refuses
-// it under vmap as a random op). aten::hardsigmoid: decomposed inside
-// transforms on 1.13 (no forward-mode formula for its backward).
+// aten::rrelu_with_noise_backward: nn::RReLU in eval mode. aten::hardsigmoid:
+// decomposed inside transforms (no forward-mode formula for its backward, on
+// 1.13 nor on 2.13).
 //
-// aten::prelu / prelu_backward (replaced on 1.13, whose rules fail for the
-// default one-element weight of nn::PReLU and for 1-D inputs) and aten::
-// mse_loss (replaced on 1.13, whose rule fails when the target broadcasts).
+// Rules only libtorch 1.13 needs (prelu, mse_loss, rrelu_with_noise) live in
+// src/batch_rules_1_13.cpp.
 //
 // aten::nll_loss_forward / nll_loss2d_forward (+ backwards) and aten::
 // cross_entropy_loss (replaced on every version: targets equal to
@@ -32,7 +31,7 @@
 // backwards with decompositions registered from Python only, so a C++-only
 // program may lack them there too (the run-time check decides). Every
 // per-sample grad of an MSE or Huber loss goes through them.
-#include "compat.h"
+#include "batch_rule_util.h"
 
 #include <ATen/ExpandUtils.h>
 #include <ATen/Functions.h>
@@ -43,39 +42,16 @@
 #include <torch/library.h>
 
 #include <array>
+#include <map>
+#include <mutex>
 #include <limits>
 #include <memory>
 #include <optional>
 
 namespace torchfunc {
 namespace detail {
+namespace batch_rules {
 namespace {
-
-namespace ft = at::functorch;
-
-int64_t current_vmap_level(const char* op) {
-  auto layer = ft::maybeCurrentDynamicLayer();
-  TORCH_INTERNAL_ASSERT(layer.has_value(), "torchfunc: ", op, " batching rule called outside vmap");
-  return layer->layerId();
-}
-
-// The batch size of the first operand batched at `level` (null entries are
-// skipped); -1 if none is.
-int64_t batch_size_at(std::initializer_list<const at::Tensor*> ts, int64_t level) {
-  for (const at::Tensor* t : ts)
-    if (t)
-      if (auto* b = compat::batched_at(*t, level)) return b->value().size(b->bdim());
-  return -1;
-}
-
-// The [B, ...] layout the rules below work on: batch dim first; an operand
-// not batched at `level` is expanded to B as a view.
-at::Tensor batch_first(const at::Tensor& t, int64_t level, int64_t batch) {
-  if (auto* b = compat::batched_at(t, level)) return b->bdim() == 0 ? b->value() : b->value().movedim(b->bdim(), 0);
-  std::vector<int64_t> shape{batch};
-  shape.insert(shape.end(), t.sizes().begin(), t.sizes().end());
-  return t.unsqueeze(0).expand(shape);
-}
 
 std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t split_size, int64_t dim) {
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
@@ -91,71 +67,7 @@ std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t spl
   return parts;
 }
 
-// ---- pointwise losses -------------------------------------------------------
-// Each loss is elementwise before its reduction. The rule brings every operand
-// to the physical layout [B, *logical] (batch dim first, unbatched operands
-// expanded as views, lower logical ranks padded with size-1 dims so they
-// broadcast as they would per sample), runs the op with reduction none, and
-// applies the reduction per sample.
-
-struct Aligned {
-  std::array<at::Tensor, 3> t;  // physical [B, ...] operands, set only if batch >= 0
-  int64_t batch = -1;            // -1: nothing is batched at this level
-};
-
-Aligned align(std::array<const at::Tensor*, 3> in, int64_t level) {
-  Aligned out;
-  out.batch = batch_size_at({in[0], in[1], in[2]}, level);
-  if (out.batch < 0) return out;
-  int64_t rank = 0;  // the largest per-sample rank
-  for (size_t i = 0; i < in.size(); ++i) {
-    if (!in[i]) continue;
-    out.t[i] = batch_first(*in[i], level, out.batch);
-    rank = std::max<int64_t>(rank, out.t[i].dim() - 1);
-  }
-  for (size_t i = 0; i < in.size(); ++i)
-    while (in[i] && out.t[i].dim() < rank + 1) out.t[i] = out.t[i].unsqueeze(1);
-  return out;
-}
-
-// Per-sample reduction of a [B, ...] elementwise loss.
-at::Tensor reduce_per_sample(const at::Tensor& loss, int64_t reduction) {
-  if (reduction == at::Reduction::None) return loss;
-  at::Tensor flat = loss.reshape({loss.size(0), -1});
-  return reduction == at::Reduction::Mean ? flat.mean(1) : flat.sum(1);
-}
-
-// Scale of a per-sample backward computed with reduction none: 1/numel of one
-// sample for mean (what the op would use on the unbatched input).
-at::Tensor scale_backward(const at::Tensor& grad, int64_t reduction) {
-  if (reduction != at::Reduction::Mean) return grad;
-  const int64_t per_sample = grad.numel() / std::max<int64_t>(grad.size(0), 1);
-  return grad / static_cast<double>(std::max<int64_t>(per_sample, 1));
-}
-
-// Forward: Op(self, target, reduction, extra...) -> loss.
-template <auto Op, class... Extra>
-at::Tensor loss_rule(const at::Tensor& self, const at::Tensor& target, int64_t reduction, Extra... extra) {
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const int64_t level = current_vmap_level("loss");
-  Aligned a = align({&self, &target, nullptr}, level);
-  if (a.batch < 0) return Op(self, target, reduction, extra...);
-  at::Tensor loss = reduce_per_sample(Op(a.t[0], a.t[1], at::Reduction::None, extra...), reduction);
-  return ft::makeBatched(loss, 0, level);
-}
-
-// Backward: Op(grad_output, self, target, reduction, extra...) -> grad_self.
-// With reduction mean/sum grad_output is one scalar per sample ([B] -> [B, 1, ...]).
-template <auto Op, class... Extra>
-at::Tensor loss_backward_rule(const at::Tensor& grad_output, const at::Tensor& self, const at::Tensor& target,
-                              int64_t reduction, Extra... extra) {
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const int64_t level = current_vmap_level("loss backward");
-  Aligned a = align({&grad_output, &self, &target}, level);
-  if (a.batch < 0) return Op(grad_output, self, target, reduction, extra...);
-  at::Tensor grad = Op(a.t[0], a.t[1].contiguous(), a.t[2], at::Reduction::None, extra...);
-  return ft::makeBatched(scale_backward(grad, reduction), 0, level);
-}
+// ---- pointwise losses: see loss_rule / loss_backward_rule in batch_rule_util.h
 
 // ---- margin losses (multi_margin_loss, multilabel_margin_loss) ---------------
 // Per sample the input is one row [C] or N rows [N, C] and the loss is a sum
@@ -441,9 +353,9 @@ at::Tensor cross_entropy_decomposed(const at::Tensor& self, const at::Tensor& ta
   return (1 - label_smoothing) * nll + smooth * (label_smoothing / classes);
 }
 
-// ---- hardsigmoid (a decomposition inside every transform, 1.13) ------------------
-// libtorch 1.13 has no forward-mode formula for hardsigmoid_backward (nor a
-// decomposition it could run instead), so hessian / jvp(grad) through
+// ---- hardsigmoid (a decomposition inside every transform) ------------------
+// libtorch (1.13 and 2.13) has no forward-mode formula for
+// hardsigmoid_backward (nor a decomposition it could run instead), so hessian / jvp(grad) through
 // nn::Hardsigmoid failed. Inside transforms it is computed with where: the
 // values of ATen's kernel ((x + 3) / 6 clamped to [0, 1]) and its derivative
 // (1/6 strictly inside (-3, 3), 0 elsewhere).
@@ -539,58 +451,6 @@ at::Tensor& masked_scatter_inplace_batched(at::Tensor& self, const at::Tensor& m
   return self;
 }
 
-// ---- prelu (1.13's own rules are wrong; see compat::kReplaceBrokenBatchRules) --
-// Per sample, prelu(x, w) = x > 0 ? x : w * x with w broadcast along x's
-// channel dim (dim 1 when x has rank >= 2), and w has 1 element or one per
-// channel.
-
-// w [B, *w_shape] viewed to broadcast against x [B, *S].
-at::Tensor prelu_weight_view(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t rank = x.dim() - 1, batch = x.size(0);
-  const int64_t channels = rank >= 2 ? x.size(2) : 1;
-  const int64_t params = w.numel() / std::max<int64_t>(batch, 1);
-  TORCH_CHECK(w.dim() <= 2, "prelu: Expected `weight` to be a scalar or 1D tensor, but got ndim = ", w.dim() - 1);
-  TORCH_CHECK(params == 1 || params == channels,
-              "Mismatch of parameter numbers and input channel size. Found parameter numbers = ", params,
-              " and channel size = ", channels, ".");
-  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
-  shape[0] = batch;
-  if (params > 1) shape[2] = params;
-  return w.reshape(shape);
-}
-
-at::Tensor prelu_batched(const at::Tensor& self, const at::Tensor& weight) {
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const int64_t level = current_vmap_level("prelu");
-  const int64_t batch = batch_size_at({&self, &weight}, level);
-  if (batch < 0) return at::prelu(self, weight);
-  at::Tensor x = batch_first(self, level, batch);
-  at::Tensor w = prelu_weight_view(x, batch_first(weight, level, batch));
-  return ft::makeBatched(at::where(x > 0, x, w * x), 0, level);
-}
-
-std::tuple<at::Tensor, at::Tensor> prelu_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
-                                                          const at::Tensor& weight) {
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
-  const int64_t level = current_vmap_level("prelu_backward");
-  const int64_t batch = batch_size_at({&grad_output, &self, &weight}, level);
-  if (batch < 0) return at::prelu_backward(grad_output, self, weight);
-  at::Tensor x = batch_first(self, level, batch);
-  at::Tensor g = batch_first(grad_output, level, batch);
-  at::Tensor w_phys = batch_first(weight, level, batch);
-  at::Tensor w = prelu_weight_view(x, w_phys);
-  at::Tensor positive = x > 0;
-  at::Tensor grad_self = at::where(positive, g, w * g);
-  // d/dw: x * g where x <= 0, summed over everything but the channel dim.
-  at::Tensor per_elem = at::where(positive, at::zeros_like(x), x * g);
-  std::vector<int64_t> dims;
-  for (int64_t d = 1; d < x.dim(); ++d)
-    if (!(w.dim() > 2 && w.size(2) > 1 && d == 2)) dims.push_back(d);
-  at::Tensor grad_weight = dims.empty() ? per_elem : per_elem.sum(dims);
-  grad_weight = grad_weight.reshape(w_phys.sizes());
-  return {ft::makeBatched(grad_self, 0, level), ft::makeBatched(grad_weight, 0, level)};
-}
-
 // ---- aten::equal ------------------------------------------------------------
 // One bool for two whole tensors: data-dependent control flow (nn::
 // MultiheadAttention's forward branches on it). Under vmap the answer must be
@@ -682,21 +542,7 @@ at::Tensor max_pool3d_backward_batched(const at::Tensor& grad_output, const at::
   return ft::makeBatched(unfold_images(grad, x), 0, level);
 }
 
-// ---- rrelu_with_noise (nn::RReLU; 1.13 rejects it under vmap) ---------------
-// 1.13 lists it among the random ops vmap refuses (a FuncTorchVmapMode kernel),
-// even in eval mode, where RReLU is deterministic: leaky_relu with the mean
-// slope. Eval mode is decomposed so; training mode (a random slope per
-// element) stays an error.
-at::Tensor rrelu_with_noise_vmap_mode(const at::Tensor& self, const at::Tensor& noise, const at::Scalar& lower,
-                                      const at::Scalar& upper, bool training, c10::optional<at::Generator> generator) {
-  TORCH_CHECK(!training, "torchfunc::vmap: RReLU in training mode draws a random slope per element, which is not "
-                         "supported under vmap; use eval mode (the mean slope) or LeakyReLU.");
-  (void)noise;
-  (void)generator;
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchVmapMode);
-  return at::leaky_relu(self, (lower.toDouble() + upper.toDouble()) / 2);
-}
-
+// ---- rrelu_with_noise_backward (nn::RReLU in eval mode) -------------------------
 // Its backward in eval mode is leaky_relu's (what ATen computes too).
 at::Tensor rrelu_with_noise_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
                                              const at::Tensor& noise, const at::Scalar& lower,
@@ -711,101 +557,76 @@ at::Tensor rrelu_with_noise_backward_batched(const at::Tensor& grad_output, cons
   return ft::makeBatched(grad, 0, level);
 }
 
-// True if `name` exists and has no batching rule of its own.
-bool lacks_batch_rule(const char* name, const char* overload) {
-  auto op = c10::Dispatcher::singleton().findSchema({name, overload});
-  return op.has_value() && !op->hasKernelForDispatchKey(c10::DispatchKey::FuncTorchBatched);
-}
-
 }  // namespace
+}  // namespace batch_rules
+
+using namespace batch_rules;
 
 const std::vector<std::string>& own_batch_rules() {
   static const std::vector<std::string> registered = [] {
     std::vector<std::string> names;
-    // Registrations live as long as this object: the whole process.
-    static auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
-                                                       c10::DispatchKey::FuncTorchBatched, __FILE__, __LINE__);
-    auto add = [&](const char* op, const char* overload, auto kernel) {
-      if (!lacks_batch_rule((std::string("aten::") + op).c_str(), overload)) return;
-      const std::string full = *overload ? std::string(op) + "." + overload : std::string(op);
-      try {
-        lib->impl(full.c_str(), std::move(kernel));
-        names.push_back("aten::" + full);
-      } catch (const c10::Error&) {
-        // A libtorch whose schema for this op differs from the signature
-        // here: it keeps its fallback (slower, still correct). The tests
-        // check that every rule registers on the libtorch we build against.
-      }
-    };
-    add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
-    add("mse_loss_backward", "", TORCH_FN(loss_backward_rule<&at::mse_loss_backward>));
-    add("smooth_l1_loss", "", TORCH_FN((loss_rule<&at::smooth_l1_loss, double>)));
-    add("smooth_l1_loss_backward", "", TORCH_FN((loss_backward_rule<&at::smooth_l1_loss_backward, double>)));
-    add("huber_loss", "", TORCH_FN((loss_rule<&at::huber_loss, double>)));
-    add("huber_loss_backward", "", TORCH_FN((loss_backward_rule<&at::huber_loss_backward, double>)));
-    add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
-    add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
-    add("equal", "", TORCH_FN(equal_batched));
-    add("masked_scatter", "", TORCH_FN(masked_scatter_batched));
-    add("nansum", "", TORCH_FN(nan_reduction_batched<&at::nansum>));
-    add("nanmean", "", TORCH_FN(nan_reduction_batched<&at::nanmean>));
-    add("masked_scatter_", "", TORCH_FN(masked_scatter_inplace_batched));
-    add("multi_margin_loss", "", TORCH_FN(multi_margin_loss_batched));
-    add("multi_margin_loss_backward", "", TORCH_FN(multi_margin_loss_backward_batched));
-    add("multilabel_margin_loss", "", TORCH_FN(multilabel_margin_loss_batched));
-    add("multilabel_margin_loss_forward", "", TORCH_FN(multilabel_margin_loss_forward_batched));
-    add("multilabel_margin_loss_backward", "", TORCH_FN(multilabel_margin_loss_backward_batched));
-    add("rrelu_with_noise_backward", "", TORCH_FN(rrelu_with_noise_backward_batched));
-    add("max_pool3d_with_indices", "", TORCH_FN(max_pool3d_batched));
-    add("max_pool3d_with_indices_backward", "", TORCH_FN(max_pool3d_backward_batched));
-    add("upsample_nearest1d_backward", "", TORCH_FN((UpsampleBackward<Scale>::rule<&at::upsample_nearest1d_backward>)));
-    add("upsample_nearest2d_backward", "",
+    BatchRuleRegistrar r(names);
+    r.add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
+    r.add("mse_loss_backward", "", TORCH_FN(loss_backward_rule<&at::mse_loss_backward>));
+    r.add("smooth_l1_loss", "", TORCH_FN((loss_rule<&at::smooth_l1_loss, double>)));
+    r.add("smooth_l1_loss_backward", "", TORCH_FN((loss_backward_rule<&at::smooth_l1_loss_backward, double>)));
+    r.add("huber_loss", "", TORCH_FN((loss_rule<&at::huber_loss, double>)));
+    r.add("huber_loss_backward", "", TORCH_FN((loss_backward_rule<&at::huber_loss_backward, double>)));
+    r.add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
+    r.add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
+    r.add("equal", "", TORCH_FN(equal_batched));
+    r.add("masked_scatter", "", TORCH_FN(masked_scatter_batched));
+    r.add("nansum", "", TORCH_FN(nan_reduction_batched<&at::nansum>));
+    r.add("nanmean", "", TORCH_FN(nan_reduction_batched<&at::nanmean>));
+    r.add("masked_scatter_", "", TORCH_FN(masked_scatter_inplace_batched));
+    r.add("multi_margin_loss", "", TORCH_FN(multi_margin_loss_batched));
+    r.add("multi_margin_loss_backward", "", TORCH_FN(multi_margin_loss_backward_batched));
+    r.add("multilabel_margin_loss", "", TORCH_FN(multilabel_margin_loss_batched));
+    r.add("multilabel_margin_loss_forward", "", TORCH_FN(multilabel_margin_loss_forward_batched));
+    r.add("multilabel_margin_loss_backward", "", TORCH_FN(multilabel_margin_loss_backward_batched));
+    r.add("rrelu_with_noise_backward", "", TORCH_FN(rrelu_with_noise_backward_batched));
+    r.add("max_pool3d_with_indices", "", TORCH_FN(max_pool3d_batched));
+    r.add("max_pool3d_with_indices_backward", "", TORCH_FN(max_pool3d_backward_batched));
+    r.add("upsample_nearest1d_backward", "", TORCH_FN((UpsampleBackward<Scale>::rule<&at::upsample_nearest1d_backward>)));
+    r.add("upsample_nearest2d_backward", "",
         TORCH_FN((UpsampleBackward<Scale, Scale>::rule<&at::upsample_nearest2d_backward>)));
-    add("upsample_nearest3d_backward", "",
+    r.add("upsample_nearest3d_backward", "",
         TORCH_FN((UpsampleBackward<Scale, Scale, Scale>::rule<&at::upsample_nearest3d_backward>)));
-    add("upsample_linear1d_backward", "",
+    r.add("upsample_linear1d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale>::rule<&at::upsample_linear1d_backward>)));
-    add("upsample_bilinear2d_backward", "",
+    r.add("upsample_bilinear2d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bilinear2d_backward>)));
-    add("upsample_bicubic2d_backward", "",
+    r.add("upsample_bicubic2d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale, Scale>::rule<&at::upsample_bicubic2d_backward>)));
-    add("upsample_trilinear3d_backward", "",
+    r.add("upsample_trilinear3d_backward", "",
         TORCH_FN((UpsampleBackward<bool, Scale, Scale, Scale>::rule<&at::upsample_trilinear3d_backward>)));
-    // Decompositions inside every transform (see cross_entropy_decomposed).
-    auto front_mode = []() -> torch::Library& {
-      static torch::Library front(torch::Library::IMPL, "aten", c10::DispatchKey::FuncTorchDynamicLayerFrontMode,
-                                  __FILE__, __LINE__);
-      return front;
-    };
-    // Over libtorch's own kernel (known to be wrong there), at any key.
-    auto replace = [&](torch::Library& at_key, const char* op, auto kernel) {
-      compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
-      try {
-        at_key.impl(op, std::move(kernel));
-        names.push_back(std::string("aten::") + op);
-      } catch (const c10::Error&) {
-        // A schema that differs from the signature here: libtorch keeps its own.
-      }
-    };
-    if constexpr (compat::kReplaceBrokenBatchRules) {
-      replace(*lib, "prelu", TORCH_FN(prelu_batched));
-      replace(*lib, "prelu_backward", TORCH_FN(prelu_backward_batched));
-      replace(*lib, "mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
-      static auto vmap_mode = std::make_unique<torch::Library>(torch::Library::IMPL, "aten",
-                                                               c10::DispatchKey::FuncTorchVmapMode, __FILE__, __LINE__);
-      replace(*vmap_mode, "rrelu_with_noise", TORCH_FN(rrelu_with_noise_vmap_mode));
-      replace(front_mode(), "hardsigmoid", TORCH_FN(hardsigmoid_decomposed));
-    }
+    // Decompositions inside every transform (see cross_entropy_decomposed,
+    // hardsigmoid_decomposed); replaced nll rules (libtorch's fail on ignored
+    // targets).
+    r.replace(BatchRuleRegistrar::front_mode(), "hardsigmoid", TORCH_FN(hardsigmoid_decomposed));
     if constexpr (compat::kReplaceNllLossBatchRules) {
-      replace(*lib, "nll_loss_forward", TORCH_FN((nll_forward_rule<&at::nll_loss_forward, false>)));
-      replace(*lib, "nll_loss_backward", TORCH_FN((nll_backward_rule<&at::nll_loss_backward, false>)));
-      replace(*lib, "nll_loss2d_forward", TORCH_FN((nll_forward_rule<&at::nll_loss2d_forward, true>)));
-      replace(*lib, "nll_loss2d_backward", TORCH_FN((nll_backward_rule<&at::nll_loss2d_backward, true>)));
-      replace(front_mode(), "cross_entropy_loss", TORCH_FN(cross_entropy_decomposed));
+      auto& b = BatchRuleRegistrar::batched();
+      r.replace(b, "nll_loss_forward", TORCH_FN((nll_forward_rule<&at::nll_loss_forward, false>)));
+      r.replace(b, "nll_loss_backward", TORCH_FN((nll_backward_rule<&at::nll_loss_backward, false>)));
+      r.replace(b, "nll_loss2d_forward", TORCH_FN((nll_forward_rule<&at::nll_loss2d_forward, true>)));
+      r.replace(b, "nll_loss2d_backward", TORCH_FN((nll_backward_rule<&at::nll_loss2d_backward, true>)));
+      r.replace(BatchRuleRegistrar::front_mode(), "cross_entropy_loss", TORCH_FN(cross_entropy_decomposed));
     }
+#if TORCHFUNC_LIBTORCH_1_13
+    register_libtorch_1_13_rules(r);
+#endif
     return names;
   }();
   return registered;
+}
+
+torch::Library& BatchRuleRegistrar::library(c10::DispatchKey key) {
+  static std::mutex mu;
+  static std::map<c10::DispatchKey, std::unique_ptr<torch::Library>> libs;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& lib = libs[key];
+  if (!lib) lib = std::make_unique<torch::Library>(torch::Library::IMPL, "aten", key, __FILE__, __LINE__);
+  return *lib;
 }
 
 void ensure_batch_rules() { (void)own_batch_rules(); }

@@ -10,6 +10,7 @@
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/functorch/DynamicLayer.h>
 #include <ATen/functorch/TensorWrapper.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/version.h>
@@ -31,11 +32,10 @@ inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
 }
 #endif
 
-// libtorch 1.13's own batching rules for prelu / prelu_backward are wrong for
-// a one-element weight (nn::PReLU's default) and for 1-D inputs (an error or
-// an internal assert), and its mse_loss rule fails when the target broadcasts
-// against the input. torchfunc replaces them there (src/batch_rules.cpp).
-constexpr bool kReplaceBrokenBatchRules = TORCH_VERSION_MAJOR < 2;
+// libtorch 1.13: code that exists only for it sits in files named *_1_13.cpp
+// (built only for it; see CMakeLists.txt) and runs where this is true.
+#define TORCHFUNC_LIBTORCH_1_13 (TORCH_VERSION_MAJOR < 2)
+constexpr bool kLibtorch113 = TORCHFUNC_LIBTORCH_1_13;
 
 // libtorch's nll_loss_forward / nll_loss_backward batching rules take a
 // negative ignore_index to mean "ignore nothing" and fail on the default
@@ -47,10 +47,17 @@ constexpr bool kReplaceNllLossBatchRules = true;
 
 // Drops c10 warnings while alive (the dispatcher warns when a kernel replaces
 // another, which is what kReplaceBrokenBatchRules does on purpose).
+// Warning handlers live in c10::WarningUtils on 2.x (c10::Warning on 1.13), and
+// 2.x's handler receives one c10::Warning object.
+#if TORCH_VERSION_MAJOR >= 2
+namespace warning_api = c10::WarningUtils;
+#else
+namespace warning_api = c10::Warning;
+#endif
 class QuietWarnings : public c10::WarningHandler {
  public:
-  QuietWarnings() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
-  ~QuietWarnings() override { c10::Warning::set_warning_handler(prev_); }
+  QuietWarnings() : prev_(warning_api::get_warning_handler()) { warning_api::set_warning_handler(this); }
+  ~QuietWarnings() override { warning_api::set_warning_handler(prev_); }
   QuietWarnings(const QuietWarnings&) = delete;
   QuietWarnings& operator=(const QuietWarnings&) = delete;
 #if TORCH_VERSION_MAJOR >= 2
@@ -82,6 +89,20 @@ constexpr bool kSerializeThreads = false;
 #else
 constexpr bool kSerializeThreads = true;
 #endif
+
+/// True if this libtorch has a batching rule for aten::<op>.<overload> (or
+/// the op does not exist): at FuncTorchBatched, or on 2.x at the alias key
+/// FuncTorchBatchedDecomposition, which hasKernelForDispatchKey(FuncTorchBatched)
+/// does not see (nanmean, nll_loss*, prelu, unsafe_chunk, ... are there).
+inline bool has_batch_rule(const char* op, const char* overload) {
+  auto handle = c10::Dispatcher::singleton().findSchema({std::string("aten::") + op, overload});
+  if (!handle.has_value()) return true;
+  if (handle->hasKernelForDispatchKey(c10::DispatchKey::FuncTorchBatched)) return true;
+#if TORCH_VERSION_MAJOR >= 2
+  if (handle->hasKernelForDispatchKey(c10::DispatchKey::FuncTorchBatchedDecomposition)) return true;
+#endif
+  return false;
+}
 
 inline size_t layer_depth() { return ft::getDynamicLayerStack().size(); }
 

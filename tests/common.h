@@ -38,10 +38,17 @@ class TF : public ::testing::Test {
 
 /// While alive, records the ops that vmap ran through libtorch's per-sample
 /// fallback (its "performance drop ... batching rule for <op>" warnings).
+// (Warning handlers moved from c10::Warning to c10::WarningUtils in 2.x; the
+// library's own spelling is in src/compat.h.)
+#if TORCH_VERSION_MAJOR >= 2
+namespace test_warning_api = c10::WarningUtils;
+#else
+namespace test_warning_api = c10::Warning;
+#endif
 class FallbackLog : public c10::WarningHandler {
  public:
-  FallbackLog() : prev_(c10::Warning::get_warning_handler()) { c10::Warning::set_warning_handler(this); }
-  ~FallbackLog() override { c10::Warning::set_warning_handler(prev_); }
+  FallbackLog() : prev_(test_warning_api::get_warning_handler()) { test_warning_api::set_warning_handler(this); }
+  ~FallbackLog() override { test_warning_api::set_warning_handler(prev_); }
   FallbackLog(const FallbackLog&) = delete;
   FallbackLog& operator=(const FallbackLog&) = delete;
 #if TORCH_VERSION_MAJOR >= 2
