@@ -134,13 +134,16 @@ class BatchRuleRegistrar {
     }
   }
 
+  /// True if it registered (false: this libtorch's schema differs).
   template <class Kernel>
-  void replace(torch::Library& at_key, const char* op, Kernel kernel) {
+  bool replace(torch::Library& at_key, const char* op, Kernel kernel) {
     compat::QuietWarnings quiet;  // "Overriding a previously registered kernel"
     try {
       at_key.impl(op, std::move(kernel));
       names_.push_back(std::string("aten::") + op);
+      return true;
     } catch (const c10::Error&) {
+      return false;
     }
   }
 

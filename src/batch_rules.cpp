@@ -13,11 +13,13 @@
 // backward ops and max_pool3d_with_indices (+ backward) (missing in 1.13:
 // per-sample loops for every Upsample / MaxPool3d layer).
 //
-// aten::rrelu_with_noise_backward: nn::RReLU in eval mode. aten::hardsigmoid:
+// aten::rrelu_with_noise (+ backward): nn::RReLU in eval mode (refused under
+// vmap as a random op). aten::mse_loss: replaced (libtorch's rule fails for a
+// broadcasting target), and smooth_l1_loss / huber_loss with it. aten::hardsigmoid:
 // decomposed inside transforms (no forward-mode formula for its backward, on
 // 1.13 nor on 2.13).
 //
-// Rules only libtorch 1.13 needs (prelu, mse_loss, rrelu_with_noise) live in
+// Rules only libtorch 1.13 needs (prelu, prelu_backward) live in
 // src/batch_rules_1_13.cpp.
 //
 // aten::nll_loss_forward / nll_loss2d_forward (+ backwards) and aten::
@@ -542,6 +544,24 @@ at::Tensor max_pool3d_backward_batched(const at::Tensor& grad_output, const at::
   return ft::makeBatched(unfold_images(grad, x), 0, level);
 }
 
+// ---- rrelu_with_noise (nn::RReLU; rejected under vmap) -------------------------
+// libtorch (1.13 and 2.13) lists it among the random ops vmap refuses (a FuncTorchVmapMode kernel),
+// even in eval mode, where RReLU is deterministic: leaky_relu with the mean
+// slope. Eval mode is decomposed so; training mode (a random slope per
+// element) stays an error.
+// `Noise` is at::Tensor& where the schema marks noise mutable (2.x:
+// Tensor(b!) noise) and const at::Tensor& where it does not (1.13).
+template <class Noise>
+at::Tensor rrelu_with_noise_vmap_mode(const at::Tensor& self, Noise noise, const at::Scalar& lower,
+                                      const at::Scalar& upper, bool training, c10::optional<at::Generator> generator) {
+  TORCH_CHECK(!training, "torchfunc::vmap: RReLU in training mode draws a random slope per element, which is not "
+                         "supported under vmap; use eval mode (the mean slope) or LeakyReLU.");
+  (void)noise;
+  (void)generator;
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchVmapMode);
+  return at::leaky_relu(self, (lower.toDouble() + upper.toDouble()) / 2);
+}
+
 // ---- rrelu_with_noise_backward (nn::RReLU in eval mode) -------------------------
 // Its backward in eval mode is leaky_relu's (what ATen computes too).
 at::Tensor rrelu_with_noise_backward_batched(const at::Tensor& grad_output, const at::Tensor& self,
@@ -568,9 +588,7 @@ const std::vector<std::string>& own_batch_rules() {
     BatchRuleRegistrar r(names);
     r.add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
     r.add("mse_loss_backward", "", TORCH_FN(loss_backward_rule<&at::mse_loss_backward>));
-    r.add("smooth_l1_loss", "", TORCH_FN((loss_rule<&at::smooth_l1_loss, double>)));
     r.add("smooth_l1_loss_backward", "", TORCH_FN((loss_backward_rule<&at::smooth_l1_loss_backward, double>)));
-    r.add("huber_loss", "", TORCH_FN((loss_rule<&at::huber_loss, double>)));
     r.add("huber_loss_backward", "", TORCH_FN((loss_backward_rule<&at::huber_loss_backward, double>)));
     r.add("soft_margin_loss", "", TORCH_FN(loss_rule<&at::soft_margin_loss>));
     r.add("soft_margin_loss_backward", "", TORCH_FN(loss_backward_rule<&at::soft_margin_loss_backward>));
@@ -604,6 +622,18 @@ const std::vector<std::string>& own_batch_rules() {
     // hardsigmoid_decomposed); replaced nll rules (libtorch's fail on ignored
     // targets).
     r.replace(BatchRuleRegistrar::front_mode(), "hardsigmoid", TORCH_FN(hardsigmoid_decomposed));
+    // libtorch's own rules for the pointwise-loss forwards fail when the
+    // target broadcasts against the input (mse_loss on 1.13 and 2.13,
+    // smooth_l1_loss on 2.13): ours replace them on every version.
+    r.replace(BatchRuleRegistrar::batched(), "mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
+    r.replace(BatchRuleRegistrar::batched(), "smooth_l1_loss", TORCH_FN((loss_rule<&at::smooth_l1_loss, double>)));
+    r.replace(BatchRuleRegistrar::batched(), "huber_loss", TORCH_FN((loss_rule<&at::huber_loss, double>)));
+    // rrelu_with_noise is refused under vmap as a random op even in eval mode,
+    // where nn::RReLU is deterministic (1.13 and 2.13).
+    if (!r.replace(BatchRuleRegistrar::vmap_mode(), "rrelu_with_noise",
+                   TORCH_FN(rrelu_with_noise_vmap_mode<at::Tensor&>)))
+      r.replace(BatchRuleRegistrar::vmap_mode(), "rrelu_with_noise",
+                TORCH_FN(rrelu_with_noise_vmap_mode<const at::Tensor&>));
     if constexpr (compat::kReplaceNllLossBatchRules) {
       auto& b = BatchRuleRegistrar::batched();
       r.replace(b, "nll_loss_forward", TORCH_FN((nll_forward_rule<&at::nll_loss_forward, false>)));

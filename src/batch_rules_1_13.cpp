@@ -4,9 +4,6 @@
 // aten::prelu / prelu_backward: 1.13's own rules fail for nn::PReLU's default
 // one-element weight and for 1-D inputs (an error or an internal assert, even
 // under a plain vmap). 2.x batches _prelu_kernel(_backward) itself.
-// aten::mse_loss: 1.13's rule fails when the target broadcasts against the
-// input. aten::rrelu_with_noise: 1.13 refuses it under vmap as a random op,
-// even in eval mode (nn::RReLU), where it is deterministic.
 #include "batch_rule_util.h"
 
 #include <ATen/Functions.h>
@@ -68,28 +65,11 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward_batched(const at::Tensor& grad
   return {ft::makeBatched(grad_self, 0, level), ft::makeBatched(grad_weight, 0, level)};
 }
 
-// ---- rrelu_with_noise (nn::RReLU; 1.13 rejects it under vmap) ---------------
-// 1.13 lists it among the random ops vmap refuses (a FuncTorchVmapMode kernel),
-// even in eval mode, where RReLU is deterministic: leaky_relu with the mean
-// slope. Eval mode is decomposed so; training mode (a random slope per
-// element) stays an error.
-at::Tensor rrelu_with_noise_vmap_mode(const at::Tensor& self, const at::Tensor& noise, const at::Scalar& lower,
-                                      const at::Scalar& upper, bool training, c10::optional<at::Generator> generator) {
-  TORCH_CHECK(!training, "torchfunc::vmap: RReLU in training mode draws a random slope per element, which is not "
-                         "supported under vmap; use eval mode (the mean slope) or LeakyReLU.");
-  (void)noise;
-  (void)generator;
-  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchVmapMode);
-  return at::leaky_relu(self, (lower.toDouble() + upper.toDouble()) / 2);
-}
-
 }  // namespace
 
 void register_libtorch_1_13_rules(BatchRuleRegistrar& r) {
   r.replace(BatchRuleRegistrar::batched(), "prelu", TORCH_FN(prelu_batched));
   r.replace(BatchRuleRegistrar::batched(), "prelu_backward", TORCH_FN(prelu_backward_batched));
-  r.replace(BatchRuleRegistrar::batched(), "mse_loss", TORCH_FN(loss_rule<&at::mse_loss>));
-  r.replace(BatchRuleRegistrar::vmap_mode(), "rrelu_with_noise", TORCH_FN(rrelu_with_noise_vmap_mode));
 }
 
 }  // namespace batch_rules

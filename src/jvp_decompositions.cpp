@@ -25,6 +25,8 @@
 
 #include <mutex>
 
+#include "compat.h"
+
 
 namespace torchfunc {
 namespace detail {
@@ -156,6 +158,20 @@ def native_batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional
         d_bias = torch.sum(grad_out, dim=reduce)
     return d_input, d_weight, d_bias
 
+def batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Tensor, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], save_mean: Optional[Tensor], save_var: Optional[Tensor],
+                        update: bool, eps: float, output_mask: List[bool], reserve: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return native_batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean, save_var,
+                                      update, eps, output_mask)
+
+def cudnn_batch_norm_backward(input: Tensor, grad_output: Tensor, weight: Tensor, running_mean: Optional[Tensor],
+                              running_var: Optional[Tensor], save_mean: Optional[Tensor],
+                              save_var: Optional[Tensor], epsilon: float,
+                              reserveSpace: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    # cuDNN's backward is used in training mode only, for all three outputs.
+    return native_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean, save_var,
+                                      True, epsilon, [True, True, True])
+
 def logcumsumexp(self: Tensor, dim: int) -> Tensor:
     # out[i] = logsumexp(x[j] for j <= i): a masked [L, L] logsumexp (stable,
     # and every op in it has a forward-mode formula).
@@ -176,18 +192,27 @@ struct Decomposition {
   const char* op;
   const char* overload;
   const char* function;
+  const char* helper;  // another function of kSource that `function` calls, or ""
+  bool needed;         // false where this libtorch has a forward-mode formula of its own
 };
+// Checked against libtorch 2.13 (C++, no Python): log_sigmoid_forward /
+// log_sigmoid_backward, trace and logcumsumexp have forward-mode formulas
+// there; the others still fail without a decomposition.
+constexpr bool k113 = compat::kLibtorch113;
 constexpr Decomposition kDecompositions[] = {
-    {"aten::_log_softmax_backward_data", "", "log_softmax_backward"},
-    {"aten::_softmax_backward_data", "", "softmax_backward"},
-    {"aten::nll_loss_backward", "", "nll_loss_backward"},
-    {"aten::nll_loss2d_backward", "", "nll_loss_backward"},
-    {"aten::log_sigmoid_forward", "", "log_sigmoid_forward"},
-    {"aten::log_sigmoid_backward", "", "log_sigmoid_backward"},
-    {"aten::trace", "", "trace"},
-    {"aten::logcumsumexp", "", "logcumsumexp"},
-    {"aten::native_layer_norm_backward", "", "native_layer_norm_backward"},
-    {"aten::native_batch_norm_backward", "", "native_batch_norm_backward"},
+    {"aten::_log_softmax_backward_data", "", "log_softmax_backward", "", true},
+    {"aten::_softmax_backward_data", "", "softmax_backward", "", true},
+    {"aten::nll_loss_backward", "", "nll_loss_backward", "", true},
+    {"aten::nll_loss2d_backward", "", "nll_loss_backward", "", true},
+    {"aten::log_sigmoid_forward", "", "log_sigmoid_forward", "", k113},
+    {"aten::log_sigmoid_backward", "", "log_sigmoid_backward", "", k113},
+    {"aten::trace", "", "trace", "", k113},
+    {"aten::logcumsumexp", "", "logcumsumexp", "", k113},
+    {"aten::native_layer_norm_backward", "", "native_layer_norm_backward", "", true},
+    {"aten::native_batch_norm_backward", "", "native_batch_norm_backward", "", true},
+    // BatchNorm's paths on 2.x (batch_norm_backward) and on CUDA with cuDNN.
+    {"aten::batch_norm_backward", "", "batch_norm_backward", "native_batch_norm_backward", true},
+    {"aten::cudnn_batch_norm_backward", "", "cudnn_batch_norm_backward", "native_batch_norm_backward", true},
 };
 
 // The source of one top-level function of kSource.
@@ -202,13 +227,16 @@ std::string function_source(const std::string& name) {
 std::vector<std::string> register_all() {
   std::vector<std::string> names;
   for (const Decomposition& d : kDecompositions) {
+    if (!d.needed) continue;
     auto op = c10::Dispatcher::singleton().findSchema({d.op, d.overload});
     if (!op) continue;
     // The registry is keyed by the dispatcher's own schema object.
     const c10::FunctionSchema& schema = op->schema();
     try {
       if (torch::jit::has_jit_decomposition(schema)) continue;  // registered already (by Python, say)
-      auto cu = torch::jit::compile(function_source(d.function));
+      std::string source = function_source(d.function);
+      if (*d.helper) source = function_source(d.helper) + source;
+      auto cu = torch::jit::compile(source);
       auto graph = torch::jit::toGraphFunction(cu->get_function(d.function)).graph()->copy();
       torch::jit::RegisterDecomposition(schema, graph);
       names.push_back(std::string(d.op));

@@ -503,24 +503,33 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
   // backward of mse_loss_backward under vmap.
   Tensor h = func::vmap(func::hessian([&](const Tensor& x, const Tensor& y) { return at::mse_loss(torch::mv(w, x), y, at::Reduction::Sum); }))(xs, ys);
   for (int64_t i = 0; i < 6; ++i) expect_close(h[i], 2 * w.t().mm(w), 1e-12);
+  // Which rules torchfunc registers depends on what this libtorch has: the
+  // exact list per version (a rule that silently stopped registering, e.g.
+  // after a schema change, fails here).
+  std::vector<std::string> expected{
+      "aten::mse_loss_backward", "aten::smooth_l1_loss_backward", "aten::huber_loss_backward",
+      "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::equal", "aten::masked_scatter",
+      "aten::masked_scatter_", "aten::multi_margin_loss", "aten::multi_margin_loss_backward",
+      "aten::multilabel_margin_loss", "aten::multilabel_margin_loss_forward",
+      "aten::multilabel_margin_loss_backward", "aten::rrelu_with_noise_backward",
+      // replaced on every version
+      "aten::hardsigmoid", "aten::mse_loss", "aten::smooth_l1_loss", "aten::huber_loss", "aten::rrelu_with_noise",
+      "aten::nll_loss_forward", "aten::nll_loss_backward", "aten::nll_loss2d_forward", "aten::nll_loss2d_backward",
+      "aten::cross_entropy_loss"};
 #if TORCH_VERSION_MAJOR < 2
-  // libtorch 1.13 ships none of these rules: torchfunc registers all of them.
-  auto own = func::detail::own_batch_rules();
-  for (const char* op : {"aten::unsafe_split.Tensor", "aten::mse_loss_backward", "aten::smooth_l1_loss",
-                         "aten::smooth_l1_loss_backward", "aten::huber_loss", "aten::huber_loss_backward",
-                         "aten::soft_margin_loss", "aten::soft_margin_loss_backward", "aten::prelu", "aten::mse_loss",
-                         "aten::prelu_backward", "aten::equal", "aten::upsample_nearest2d_backward",
-                         "aten::upsample_bilinear2d_backward", "aten::max_pool3d_with_indices",
-                         "aten::max_pool3d_with_indices_backward", "aten::rrelu_with_noise",
-                         "aten::rrelu_with_noise_backward", "aten::masked_scatter", "aten::masked_scatter_",
-                         "aten::multi_margin_loss", "aten::multi_margin_loss_backward",
-                         "aten::multilabel_margin_loss", "aten::multilabel_margin_loss_forward",
-                         "aten::multilabel_margin_loss_backward", "aten::nll_loss_forward",
-                         "aten::nll_loss_backward", "aten::cross_entropy_loss", "aten::hardsigmoid",
-                         "aten::nansum", "aten::nanmean"}) {
-    EXPECT_NE(std::find(own.begin(), own.end(), op), own.end()) << op;
-  }
+  // libtorch 1.13 lacks these too; prelu's rules are replaced there.
+  for (const char* op : {"aten::unsafe_split.Tensor", "aten::upsample_nearest1d_backward",
+                         "aten::upsample_nearest2d_backward", "aten::upsample_nearest3d_backward",
+                         "aten::upsample_linear1d_backward", "aten::upsample_bilinear2d_backward",
+                         "aten::upsample_bicubic2d_backward", "aten::upsample_trilinear3d_backward",
+                         "aten::max_pool3d_with_indices", "aten::max_pool3d_with_indices_backward", "aten::nansum",
+                         "aten::nanmean", "aten::prelu", "aten::prelu_backward"})
+    expected.push_back(op);
 #endif
+  std::vector<std::string> own = func::detail::own_batch_rules();
+  std::sort(own.begin(), own.end());
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(own, expected);
 }
 
 TEST_F(TF, MarginLossRulesMatchLoop) {
@@ -862,9 +871,24 @@ TEST_F(TF, ForwardOverReverseThroughDecomposedOps) {
     Tensor xr = x.detach().requires_grad_(true);
     return torch::autograd::grad({hard(xr)}, {xr})[0];
   }, x0);
-  expect_close(func::jvp(func::grad(hard), std::tuple{x0}, std::tuple{tangent}).second, h_hard.mv(tangent), 1e-6);
-  expect_close(func::hessian(hard)(x0), h_hard, 1e-6);
-  expect_close(func::jacrev(func::jacrev(hard))(x0), h_hard, 1e-6);
+  // libtorch 2.13 has a forward-mode formula of its own for logcumsumexp (so
+  // ours is not used), and forward-over-reverse through it rounds at ~1e-7
+  // relative in double here (values ~1e2), where 1.13 (our decomposition)
+  // and reverse-over-reverse agree with finite differences to ~1e-8.
+  // (Python torch.func 2.13's hessian through logcumsumexp was seen off by
+  // far more on some inputs: a libtorch issue, noted in the README.)
+  Tensor hv = h_hard.mv(tangent);
+#if TORCH_VERSION_MAJOR >= 2
+  const double rel = 1e-6;
+  std::printf("note: libtorch 2.x: forward-over-reverse through logcumsumexp checked at %g relative\n", rel);
+#else
+  const double rel = 0;
+#endif
+  expect_close(func::jvp(func::grad(hard), std::tuple{x0}, std::tuple{tangent}).second, hv,
+               1e-6 + rel * hv.abs().max().item<double>());
+  expect_close(func::hessian(hard)(x0), h_hard, 1e-6 + rel * h_hard.abs().max().item<double>());
+  const double fd_tol = 1e-6;
+  expect_close(func::jacrev(func::jacrev(hard))(x0), h_hard, fd_tol);
   Tensor many = torch::randn({7, 6}, torch::kDouble);
   Tensor per_sample = func::vmap(func::grad(hard))(many), values = func::vmap(hard)(many);
   for (int64_t i = 0; i < 7; ++i) {
@@ -881,10 +905,22 @@ TEST_F(TF, ForwardOverReverseThroughDecomposedOps) {
   Tensor pr = points.detach().requires_grad_(true);
   expect_close(func::vmap(func::grad([](const Tensor& p) { return torch::hardsigmoid(p); }))(points),
                torch::autograd::grad({torch::hardsigmoid(pr).sum()}, {pr})[0], 0);
+  // Forward-mode decompositions per version (2.13 has formulas of its own
+  // for log_sigmoid, trace and logcumsumexp; batch_norm_backward is 2.x only).
+  std::vector<std::string> own = func::detail::own_jvp_decompositions();
+  std::vector<std::string> expected{"aten::_log_softmax_backward_data", "aten::_softmax_backward_data",
+                                    "aten::nll_loss_backward", "aten::nll_loss2d_backward",
+                                    "aten::native_layer_norm_backward", "aten::native_batch_norm_backward",
+                                    "aten::cudnn_batch_norm_backward"};
 #if TORCH_VERSION_MAJOR < 2
-  auto own = func::detail::own_jvp_decompositions();
-  EXPECT_EQ(own.size(), 10u);
+  for (const char* op : {"aten::log_sigmoid_forward", "aten::log_sigmoid_backward", "aten::trace", "aten::logcumsumexp"})
+    expected.push_back(op);
+#else
+  expected.push_back("aten::batch_norm_backward");
 #endif
+  std::sort(own.begin(), own.end());
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(own, expected);
 }
 
 TEST_F(TF, NanReductionRulesMatchLoop) {

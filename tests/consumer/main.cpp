@@ -5,6 +5,7 @@
 #include <torchfunc/torchfunc.h>
 
 #include <cstdio>
+#include <string>
 
 int main() {
   namespace func = torchfunc;
@@ -17,6 +18,13 @@ int main() {
   Tensor per_sample = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0))(w, xs, ys);
   Tensor expected = 2 * (xs.matmul(w) - ys).unsqueeze(1) * xs;
   const bool ok = per_sample.sizes() == expected.sizes() && torch::allclose(per_sample, expected);
-  std::printf("torchfunc consumer: per-sample gradients %s\n", ok ? "match" : "DIFFER");
+  std::printf("torchfunc consumer (libtorch %s): per-sample gradients %s\n", TORCH_VERSION, ok ? "match" : "DIFFER");
+#ifdef TORCHFUNC_EXPECT_TORCH_VERSION
+  // The consumer compiled against the libtorch torchfunc was built with.
+  if (std::string(TORCH_VERSION) != TORCHFUNC_EXPECT_TORCH_VERSION) {
+    std::printf("torchfunc consumer: expected libtorch %s\n", TORCHFUNC_EXPECT_TORCH_VERSION);
+    return 1;
+  }
+#endif
   return ok ? 0 : 1;
 }
