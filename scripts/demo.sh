@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The demo command: set up a fresh Debian machine, build, run the demo.
+# The demo command: set up a fresh Debian machine, build (libtorch 2.13 by
+# default; see scripts/setup.sh), run the DP-SGD demo. Arguments go to the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/build.sh
-./build/apps/dpsgd/torchfunc-dpsgd "$@"
+dir=$(bash scripts/build.sh | tail -n 1)
+"./$dir/apps/dpsgd/torchfunc-dpsgd" "$@"

@@ -6,7 +6,7 @@
 
 #include "compat.h"
 
-#include <ATen/Functions.h>
+#include <ATen/ATen.h>
 #include <ATen/core/Reduction.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>

@@ -13,7 +13,7 @@
 
 #include "reparametrize.h"
 
-#include <torch/nn/modules.h>
+#include <torch/nn.h>
 
 #include <mutex>
 #include <set>

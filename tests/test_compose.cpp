@@ -2,6 +2,8 @@
 // closures over outer tensors), threads and escaped tensors.
 #include "common.h"
 
+#include <atomic>
+#include <chrono>
 #include <thread>
 
 namespace {
@@ -203,29 +205,60 @@ TEST_F(TF, EscapedTensors) {
 }
 
 TEST_F(TF, ConcurrentThreads) {
+  // 8 threads run vmap(grad), jvp, grad(grad), jacrev, hessian and vjp at
+  // once and must get the single-thread results. On libtorch 2.x level
+  // liveness is per thread and transforms of different threads overlap; on
+  // 1.13 (one process-wide level map) torchfunc runs them one at a time.
   Tensor w = torch::randn({4, 3}, torch::kDouble);
   Tensor xs = torch::randn({16, 3}, torch::kDouble);
-  auto loss = [](const Tensor& w, const Tensor& x) { return torch::mv(w, x).tanh().sum(); };
-  Tensor ref = func::vmap(func::grad(loss), func::in_dims(func::none, 0))(w, xs);
+  std::atomic<int> inside{0}, most_inside{0};
+  auto loss = [&](const Tensor& w, const Tensor& x) {
+    const int now = ++inside;
+    for (int seen = most_inside.load(); now > seen && !most_inside.compare_exchange_weak(seen, now);) {
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));  // lets other threads in
+    --inside;
+    return torch::mv(w, x).tanh().sum();
+  };
+  auto lx = [&](const Tensor& x) { return loss(w, x); };
   Tensor v = torch::randn({3}, torch::kDouble);
-  Tensor ref_jvp = func::jvp([&](const Tensor& x) { return loss(w, x); }, std::tuple{xs[0]}, std::tuple{v}).second;
+  Tensor ct = torch::randn({}, torch::kDouble);
+  auto run_all = [&] {
+    std::vector<Tensor> r;
+    r.push_back(func::vmap(func::grad(loss), func::in_dims(func::none, 0))(w, xs));
+    r.push_back(func::jvp(lx, std::tuple{xs[0]}, std::tuple{v}).second);
+    r.push_back(func::grad([&](const Tensor& x) { return func::grad(lx)(x).sum(); })(xs[1]));
+    r.push_back(func::jacrev(func::grad(lx))(xs[2]));
+    r.push_back(func::hessian(lx)(xs[3]));
+    auto [out, vjp_fn] = func::vjp(lx, xs[4]);
+    r.push_back(std::get<0>(vjp_fn(ct)));
+    return r;
+  };
+  const std::vector<Tensor> ref = run_all();
+  most_inside = 0;
+  constexpr int kThreads = 8;
   std::vector<std::thread> threads;
-  std::vector<int> ok(4, 0);
-  for (int t = 0; t < 4; ++t) {
+  std::vector<int> ok(kThreads, 0);
+  for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       bool good = true;
-      for (int rep = 0; rep < 20; ++rep) {
-        Tensor r = func::vmap(func::grad(loss), func::in_dims(func::none, 0))(w, xs);
-        good = good && (r - ref).abs().max().item<double>() < 1e-12;
-        Tensor j = func::jvp([&](const Tensor& x) { return loss(w, x); }, std::tuple{xs[0]}, std::tuple{v}).second;
-        good = good && (j - ref_jvp).abs().max().item<double>() < 1e-12;
+      for (int rep = 0; rep < 10; ++rep) {
+        std::vector<Tensor> r = run_all();
+        for (size_t i = 0; i < r.size(); ++i) good = good && (r[i] - ref[i]).abs().max().item<double>() < 1e-12;
         good = good && func::detail::layer_depth() == 0;
       }
       ok[t] = good;
     });
   }
   for (auto& th : threads) th.join();
-  for (int t = 0; t < 4; ++t) EXPECT_TRUE(ok[t]) << "thread " << t;
+  for (int t = 0; t < kThreads; ++t) EXPECT_TRUE(ok[t]) << "thread " << t;
+#if TORCH_VERSION_MAJOR >= 2
+  EXPECT_GT(most_inside.load(), 1) << "transforms of different threads did not overlap";
+#else
+  EXPECT_EQ(most_inside.load(), 1) << "libtorch 1.13: transforms of different threads must run one at a time";
+#endif
+  std::printf("threads: at most %d of %d threads inside a transformed function at once\n", most_inside.load(),
+              kThreads);
 }
 
 }  // namespace
