@@ -120,6 +120,16 @@ inline ft::TensorWrapper* wrapper_of(const at::Tensor& t) { return ft::maybeGetT
 /// current graph task on its CPU and device threads). Same spelling in 2.x.
 inline bool inside_autograd_backward() { return torch::autograd::get_current_graph_task_nodes_in_graph() != nullptr; }
 
+/// The wrapped value if t is a dead TensorWrapper (its level was popped);
+/// t itself otherwise. Results of a vjp_fn / linearize jvp_fn, which run a
+/// graph recorded at a popped level, are unwrapped with this and never by
+/// level id: ids are reused, so a later transform at the same depth has the
+/// dead level's id, and unwrapping "that level" would cut its graph.
+inline at::Tensor unwrap_dead(const at::Tensor& t) {
+  auto* w = ft::maybeGetTensorWrapper(t);
+  return (w && !w->is_alive()) ? w->value() : t;
+}
+
 /// The wrapped value if t is a TensorWrapper of `level` (alive or not).
 inline at::Tensor unwrap_grad(const at::Tensor& t, int64_t level) {
   auto* w = ft::maybeGetTensorWrapper(t);

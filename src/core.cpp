@@ -29,6 +29,8 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 
 #include <mutex>
 #include <sstream>
@@ -233,12 +235,14 @@ Tensors autograd_grad(const Tensors& outputs, const Tensors& inputs, const Tenso
   Tensors result;
   if (outs.empty()) {
     result.reserve(inputs.size());
-    for (const auto& in : inputs) result.push_back(at::zeros_like(in));
+    for (const auto& in : inputs) result.push_back(at::zeros_like(compat::unwrap_dead(in)));
     return result;
   }
   result = torch::autograd::grad(outs, inputs, gos, retain_graph, create_graph, /*allow_unused=*/true);
+  // (Zeros of the plain value where the inputs belong to a popped level: a
+  // vjp_fn called after its vjp returned.)
   for (size_t j = 0; j < result.size(); ++j)
-    if (!result[j].defined()) result[j] = at::zeros_like(inputs[j]);
+    if (!result[j].defined()) result[j] = at::zeros_like(compat::unwrap_dead(inputs[j]));
   return result;
 }
 
@@ -295,7 +299,6 @@ GradOut grad_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f
 // ---- vjp -----------------------------------------------------------------------
 
 struct VjpState {
-  int64_t level = 0;
   Tensors outputs;          // wrapped, primary only
   Tensors inputs;           // wrapped diff inputs
   std::vector<size_t> where;  // position of each diff input in the flat inputs
@@ -312,7 +315,6 @@ VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, 
   c10::AutoGradMode enable_grad(true);  // Note [grad and vjp interaction with no_grad]
 
   auto state = std::make_shared<VjpState>();
-  state->level = lvl;
   state->num_inputs = inputs.size();
   Tensors wrapped = wrap_for_grad(inputs, diff, lvl, api, name, state->inputs);
   for (size_t i = 0; i < inputs.size(); ++i)
@@ -339,18 +341,18 @@ VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, 
 }
 
 Tensors vjp_apply(const VjpState& s, const Tensors& cts, LeafName ct_name) {
-  TORCH_CHECK(cts.size() == s.outputs.size(), "torchfunc::vjp_fn(cotangents): Expected ",
+  TORCH_CHECK(cts.size() == s.outputs.size(), "torchfunc::vjp(f, *primals): vjp_fn(cotangents): Expected ",
               s.outputs.size(), " cotangent Tensors (one per output of f), got ", cts.size(), ".");
   for (size_t k = 0; k < cts.size(); ++k) {
-    TORCH_CHECK(cts[k].defined(), "torchfunc::vjp_fn(cotangents): ", ct_name(k), " is an undefined Tensor.");
-    TORCH_CHECK(cts[k].sizes().vec() == s.out_sizes[k], "torchfunc::vjp_fn(cotangents): Expected ",
+    TORCH_CHECK(cts[k].defined(), "torchfunc::vjp(f, *primals): vjp_fn(cotangents): ", ct_name(k), " is an undefined Tensor.");
+    TORCH_CHECK(cts[k].sizes().vec() == s.out_sizes[k], "torchfunc::vjp(f, *primals): vjp_fn(cotangents): Expected ",
                 ct_name(k), " to have the shape of the corresponding output of f, ",
                 shape_str(s.out_sizes[k]), ", but got ", shape_str(cts[k].sizes()), ".");
   }
   const bool create_graph = c10::GradMode::is_enabled();
   Tensors g = autograd_grad(s.outputs, s.inputs, cts, /*retain_graph=*/true, create_graph);
   Tensors result(s.num_inputs);
-  for (size_t j = 0; j < g.size(); ++j) result[s.where[j]] = compat::unwrap_grad(g[j], s.level);
+  for (size_t j = 0; j < g.size(); ++j) result[s.where[j]] = compat::unwrap_dead(g[j]);
   return result;
 }
 
@@ -370,7 +372,9 @@ JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Ten
   in.reserve(primals.size());
   for (size_t i = 0; i < primals.size(); ++i) {
     if (!diff[i]) {
-      in.push_back(primals[i]);
+      // Wrapped at this level too (as torch.func does), so f may write into
+      // them in place (e.g. y.copy_(x) under jacfwd); their tangent is zero.
+      in.push_back(primals[i].defined() ? ft::makeTensorWrapper(primals[i], lvl) : primals[i]);
       continue;
     }
     const at::Tensor& p = primals[i];
@@ -415,11 +419,11 @@ JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Ten
 // differentiates g w.r.t. u with grad_outputs t.
 
 struct LinearizeState {
-  int64_t level = 0;
   Tensors u;        // dummy cotangents (wrapped), one per output
   Tensors g;        // J^T u (wrapped), one per input
   Tensors outputs;  // unwrapped, for zeros
   std::vector<std::vector<int64_t>> in_sizes;
+  std::vector<at::ScalarType> in_dtypes;
 };
 
 LinearizeOut linearize_flat(const Tensors& primals, FlatFn f, LeafName name) {
@@ -438,14 +442,16 @@ LinearizeOut linearize_flat(const Tensors& primals, FlatFn f, LeafName name) {
   TORCH_CHECK(res.num_primary > 0, "torchfunc::", api, ": Expected f to return at least one Tensor.");
   check_tensor_outputs(res, api);
   auto state = std::make_shared<LinearizeState>();
-  state->level = lvl;
   Tensors outs(res.leaves.begin(), res.leaves.begin() + res.num_primary);
   for (const auto& o : outs) {
     TORCH_CHECK(is_differentiable_dtype(o), "torchfunc::", api,
                 ": All outputs of f must be floating-point or complex Tensors, got dtype ", o.scalar_type(), ".");
     state->u.push_back(at::zeros_like(o).requires_grad_(true));
   }
-  for (const auto& p : primals) state->in_sizes.push_back(p.sizes().vec());
+  for (const auto& p : primals) {
+    state->in_sizes.push_back(p.sizes().vec());
+    state->in_dtypes.push_back(p.scalar_type());
+  }
   state->g = autograd_grad(outs, ins, state->u, /*retain_graph=*/true, /*create_graph=*/true);
   LinearizeOut out;
   for (const auto& o : outs) out.outputs.push_back(compat::unwrap_grad(o, lvl));
@@ -464,6 +470,9 @@ Tensors linearize_apply(const LinearizeState& s, const Tensors& tangents, LeafNa
     TORCH_CHECK(tangents[j].sizes().vec() == s.in_sizes[j], "torchfunc::", api, ": Expected ", name(j),
                 " to have the shape of its primal, ", shape_str(s.in_sizes[j]), ", but got ",
                 shape_str(tangents[j].sizes()), ".");
+    TORCH_CHECK(tangents[j].scalar_type() == s.in_dtypes[j], "torchfunc::", api, ": Expected ", name(j),
+                " to have the dtype of its primal, ", s.in_dtypes[j], ", but got ", tangents[j].scalar_type(),
+                ".");
     if (s.g[j].requires_grad()) {
       gs.push_back(s.g[j]);
       ts.push_back(tangents[j]);
@@ -477,7 +486,7 @@ Tensors linearize_apply(const LinearizeState& s, const Tensors& tangents, LeafNa
   r = torch::autograd::grad(gs, s.u, ts, /*retain_graph=*/true, c10::GradMode::is_enabled(),
                             /*allow_unused=*/true);
   for (size_t k = 0; k < r.size(); ++k)
-    r[k] = r[k].defined() ? compat::unwrap_grad(r[k], s.level) : at::zeros_like(s.outputs[k]);
+    r[k] = r[k].defined() ? compat::unwrap_dead(r[k]) : at::zeros_like(s.outputs[k]);
   return r;
 }
 
@@ -500,6 +509,36 @@ ft::RandomnessType to_functorch(Randomness r) {
       return ft::RandomnessType::Error;
   }
 }
+
+/// The default generators' states (CPU, and every CUDA device's), restored
+/// before each chunk of a chunked vmap with randomness Same: "same" means
+/// every sample of the whole batch sees the same random values, so every
+/// chunk must draw what the first one drew (torch.func does this too).
+class RngSnapshot {
+ public:
+  RngSnapshot() {
+    gens_.push_back(at::detail::getDefaultCPUGenerator());
+    if (at::globalContext().hasCUDA()) {
+      const auto n = static_cast<c10::DeviceIndex>(at::detail::getCUDAHooks().getNumGPUs());
+      for (c10::DeviceIndex d = 0; d < n; ++d) gens_.push_back(at::globalContext().defaultGenerator(c10::Device(at::kCUDA, d)));
+    }
+    for (auto& g : gens_) {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      states_.push_back(g.get_state());
+    }
+  }
+  void restore() const {
+    for (size_t i = 0; i < gens_.size(); ++i) {
+      at::Generator g = gens_[i];
+      std::lock_guard<std::mutex> lock(g.mutex());
+      g.set_state(states_[i]);
+    }
+  }
+
+ private:
+  std::vector<at::Generator> gens_;
+  std::vector<at::Tensor> states_;
+};
 
 std::string vmap_prefix(const VmapConfig& cfg) {
   if (cfg.describe) return cfg.describe(cfg.describe_arg);
@@ -543,7 +582,9 @@ Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_
     if (d < 0) d += rank;
     out_dims[k] = d;
     if (b) {
-      outs.push_back(b->value().movedim(b->bdim(), d));
+      // (The value itself when no move is needed: an in-place op on an input
+      // returns that input, as in torch.func.)
+      outs.push_back(b->bdim() == d ? b->value() : b->value().movedim(b->bdim(), d));
     } else {
       // Not batched at this level: every sample gets the same value.
       std::vector<int64_t> sizes = t.sizes().vec();
@@ -596,8 +637,11 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, con
   if (!cs || *cs >= batch) return vmap_once(inputs, dims, batch, cfg, f, out_dims);
 
   // Chunked: run each slice of the batch at its own level, then concatenate.
+  c10::optional<RngSnapshot> rng;
+  if (cfg.randomness == Randomness::Same) rng.emplace();
   std::vector<Tensors> chunks;
   for (int64_t start = 0; start < batch; start += *cs) {
+    if (rng && start > 0) rng->restore();
     const int64_t len = std::min(*cs, batch - start);
     Tensors part;
     part.reserve(inputs.size());
@@ -650,12 +694,27 @@ Tensors standard_basis(const Tensors& like, const std::vector<int64_t>& numels, 
 
 }  // namespace
 
+namespace {
+// As torch.func: Jacobians of complex functions are not defined by these
+// transforms (there is no holomorphic option); a clear error instead of a
+// Jacobian of some convention.
+void check_real_for_jacobian(const at::Tensor& t, const char* api, const char* what, const std::string& leaf) {
+  TORCH_CHECK(!t.is_complex(), "torchfunc::", api, ": Expected all ", what, " to be real but received complex "
+              "tensor at ", leaf, " (dtype ", t.scalar_type(), "). Jacobians of complex functions are not "
+              "supported; split it into real and imaginary parts (torch::view_as_real).");
+}
+}  // namespace
+
 JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
                    c10::optional<int64_t> chunk_size, const char* api, LeafName name) {
   TORCH_CHECK(!chunk_size || *chunk_size > 0, "torchfunc::", api,
               ": Expected chunk_size to be a positive integer.");
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (diff[i] && inputs[i].defined()) check_real_for_jacobian(inputs[i], api, "inputs", name(i));
   VjpOut v = vjp_flat(inputs, diff, f, api, name);
   const Tensors& outs = v.outputs;
+  for (size_t k = 0; k < outs.size(); ++k)
+    check_real_for_jacobian(outs[k], api, "outputs", "output " + std::to_string(k));
   std::vector<int64_t> numels;
   int64_t total = 0;
   for (const auto& o : outs) {
@@ -725,6 +784,7 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
     TORCH_CHECK(is_differentiable_dtype(inputs[i]), "torchfunc::", api,
                 ": only floating-point or complex Tensors can be differentiated, but ", name(i), " has dtype ",
                 inputs[i].scalar_type(), ".");
+    check_real_for_jacobian(inputs[i], api, "inputs", name(i));
     where.push_back(i);
     diff_inputs.push_back(inputs[i]);
     numels.push_back(inputs[i].numel());
@@ -741,6 +801,8 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
     Tensors tangents(inputs.size());
     for (size_t q = 0; q < where.size(); ++q) tangents[where[q]] = batched[q];
     JvpOut o = jvp_flat(inputs, diff, tangents, f, api, name);
+    for (size_t k = 0; k < o.outputs.size(); ++k)
+      check_real_for_jacobian(o.outputs[k], api, "outputs", "output " + std::to_string(k));
     num_out = o.tangents.size();
     res.leaves = std::move(o.tangents);
     res.num_primary = num_out;

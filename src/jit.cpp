@@ -13,17 +13,21 @@ JitReparametrize::JitReparametrize(torch::jit::Module& root,
   std::vector<at::Tensor> current;
   for (const auto& p : root.named_parameters(/*recurse=*/true)) names.push_back(p.name), current.push_back(p.value);
   for (const auto& b : root.named_buffers(/*recurse=*/true)) names.push_back(b.name), current.push_back(b.value);
-  std::vector<at::Tensor> value_of = resolve_values(where, names, current, values, dict_of, options);
+  std::vector<c10::optional<at::Tensor>> value_of = resolve_values(where, names, current, values, dict_of, options);
 
   // Find every owner before changing anything, so a failure changes nothing.
   std::vector<std::pair<Saved, at::Tensor>> plan;
   for (size_t i = 0; i < names.size(); ++i) {
-    if (!value_of[i].defined()) continue;
+    if (!value_of[i]) continue;
+    // A TorchScript parameter is typed Tensor: it cannot become None.
+    TORCH_CHECK(value_of[i]->defined(), "torchfunc::", where, ": '", names[i],
+                "' is given as an undefined Tensor (none), but a TorchScript module's parameters and buffers "
+                "must be Tensors; give a tensor, or leave the key out to keep the module's own.");
     torch::jit::Module owner = root;
     std::string attr = names[i];
     for (size_t dot; (dot = attr.find('.')) != std::string::npos; attr = attr.substr(dot + 1))
       owner = owner.attr(attr.substr(0, dot)).toModule();
-    plan.push_back({Saved{owner, attr, owner.attr(attr)}, value_of[i]});
+    plan.push_back({Saved{owner, attr, owner.attr(attr)}, *value_of[i]});
   }
   saved_.reserve(plan.size());
   try {

@@ -16,6 +16,7 @@
 #include <torch/nn.h>
 
 #include <mutex>
+#include <typeinfo>
 #include <set>
 #include <unordered_map>
 
@@ -152,10 +153,12 @@ std::string quote_list(const std::vector<std::string>& names) {
 
 }  // namespace
 
-std::vector<at::Tensor> resolve_values(const std::string& where, const std::vector<std::string>& names,
-                                       const std::vector<at::Tensor>& current,
-                                       const std::vector<std::pair<std::string, at::Tensor>>& values,
-                                       const std::vector<size_t>& dict_of, const FunctionalCallOptions& options) {
+std::vector<c10::optional<at::Tensor>> resolve_values(const std::string& where,
+                                                      const std::vector<std::string>& names,
+                                                      const std::vector<at::Tensor>& current,
+                                                      const std::vector<std::pair<std::string, at::Tensor>>& values,
+                                                      const std::vector<size_t>& dict_of,
+                                                      const FunctionalCallOptions& options) {
   std::unordered_map<std::string, size_t> index;
   for (size_t i = 0; i < names.size(); ++i) index.emplace(names[i], i);
 
@@ -184,7 +187,7 @@ std::vector<at::Tensor> resolve_values(const std::string& where, const std::vect
   }
 
   // The value each registered name gets; ties share one value.
-  std::vector<at::Tensor> value_of(names.size());
+  std::vector<c10::optional<at::Tensor>> value_of(names.size());
   for (const auto& g : given) value_of[index.at(g.first)] = values[g.second].second;
   if (options.tie_weights()) {
     std::unordered_map<c10::TensorImpl*, std::vector<size_t>> groups;
@@ -194,12 +197,12 @@ std::vector<at::Tensor> resolve_values(const std::string& where, const std::vect
       const at::Tensor* chosen = nullptr;
       size_t chosen_i = 0;
       for (size_t i : kv.second) {
-        if (!value_of[i].defined()) continue;
-        if (chosen && !chosen->is_same(value_of[i])) {
+        if (!value_of[i]) continue;
+        if (chosen && !chosen->is_same(*value_of[i])) {
           TORCH_CHECK(false, "torchfunc::", where, ": got values for both '", names[chosen_i], "' and '",
                       names[i], "', which are tied. Consider using tie_weights(false).");
         }
-        chosen = &value_of[i];
+        chosen = &*value_of[i];
         chosen_i = i;
       }
       if (chosen) {
@@ -226,7 +229,7 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
   std::vector<std::string> names;
   std::vector<at::Tensor> current;
   for (const auto& e : entries) names.push_back(e.first), current.push_back(e.second.tensor);
-  std::vector<at::Tensor> value_of = resolve_values(where, names, current, values, dict_of, options);
+  std::vector<c10::optional<at::Tensor>> value_of = resolve_values(where, names, current, values, dict_of, options);
 
   // One tensor registered under several names of the same module sits in
   // all of those members: such names can only take one value together.
@@ -235,8 +238,8 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
       const Entry& a = entries[i].second;
       const Entry& b = entries[j].second;
       if (a.owner != b.owner || !a.tensor.is_same(b.tensor)) continue;
-      const bool same = value_of[i].defined() == value_of[j].defined() &&
-                        (!value_of[i].defined() || value_of[i].is_same(value_of[j]));
+      const bool same = value_of[i].has_value() == value_of[j].has_value() &&
+                        (!value_of[i] || value_of[i]->is_same(*value_of[j]));
       TORCH_CHECK(same, "torchfunc::", where, ": '", entries[i].first, "' and '", entries[j].first,
                   "' are one tensor in the members of module ", a.owner->name(),
                   ", so they cannot take different values (give both the same tensor, or use tie_weights(true)).");
@@ -247,7 +250,7 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
   std::vector<std::pair<at::Tensor*, at::Tensor>> plan;  // slot, new value
   std::unordered_map<nn::Module*, std::pair<bool, std::vector<at::Tensor*>>> slots;
   for (size_t i = 0; i < entries.size(); ++i) {
-    if (!value_of[i].defined()) continue;
+    if (!value_of[i]) continue;
     const Entry& e = entries[i].second;
     auto it = slots.find(e.owner);
     if (it == slots.end()) {
@@ -259,7 +262,7 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
     size_t hits = 0;
     for (at::Tensor* slot : it->second.second) {
       if (slot->defined() && slot->is_same(e.tensor)) {
-        plan.emplace_back(slot, value_of[i]);
+        plan.emplace_back(slot, *value_of[i]);
         ++hits;
       }
     }
@@ -272,7 +275,7 @@ Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::
                         "once: torchfunc::register_module_members<" + e.owner->name() + ">(&" +
                             e.owner->name() + "::" + e.local + ", ...);");
     TensorDict& dict = e.buffer ? ModuleAccess::buffers(*e.owner) : ModuleAccess::params(*e.owner);
-    plan.emplace_back(&dict[e.local], value_of[i]);
+    plan.emplace_back(&dict[e.local], *value_of[i]);
   }
   saved_.reserve(plan.size());
   for (auto& p : plan) {
@@ -315,6 +318,16 @@ void set_grads(torch::nn::Module& module, const TensorDict& grads) {
 
 std::pair<TensorDict, TensorDict> stack_module_state(const std::vector<std::shared_ptr<torch::nn::Module>>& models) {
   TORCH_CHECK(!models.empty(), "torchfunc::stack_module_state: Expected at least one model, got 0.");
+  for (size_t i = 1; i < models.size(); ++i) {
+    TORCH_CHECK(models[i]->is_training() == models[0]->is_training(),
+                "torchfunc::stack_module_state: Expected all models to have the same training/eval mode, but "
+                "model 0 is in ", models[0]->is_training() ? "training" : "eval", " mode and model ", i, " in ",
+                models[i]->is_training() ? "training" : "eval", " mode.");
+    const torch::nn::Module& m0 = *models[0];
+    const torch::nn::Module& mi = *models[i];
+    TORCH_CHECK(typeid(mi) == typeid(m0), "torchfunc::stack_module_state: Expected all models to be of the same "
+                "class, but model 0 is a ", m0.name(), " and model ", i, " a ", mi.name(), ".");
+  }
   auto stack = [&](bool buffers) {
     auto get = [&](const torch::nn::Module& m) { return buffers ? m.named_buffers() : m.named_parameters(); };
     auto first = get(*models[0]);
@@ -333,6 +346,10 @@ std::pair<TensorDict, TensorDict> stack_module_state(const std::vector<std::shar
         at::Tensor t = get(*models[i])[item.key()];
         TORCH_CHECK(t.sizes() == item.value().sizes(), "torchfunc::stack_module_state: '", item.key(),
                     "' has shape ", t.sizes(), " in model ", i, " but ", item.value().sizes(), " in model 0.");
+        TORCH_CHECK(t.requires_grad() == item.value().requires_grad(), "torchfunc::stack_module_state: Expected '",
+                    item.key(), "' from each model to have the same requires_grad, but it is ",
+                    item.value().requires_grad() ? "true" : "false", " in model 0 and ",
+                    t.requires_grad() ? "true" : "false", " in model ", i, ".");
         all_require_grad = all_require_grad && t.requires_grad();
         ts.push_back(t.detach());
       }

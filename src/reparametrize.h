@@ -4,6 +4,8 @@
 
 #include <torchfunc/functional_call.h>
 
+#include <c10/util/Optional.h>
+
 #include <string>
 #include <vector>
 
@@ -11,10 +13,11 @@ namespace torchfunc {
 namespace detail {
 
 // The value each registered name (`names`, whose tensors are `current`) takes:
-// undefined where none is given. Errors, naming `where`, for keys repeated
+// nullopt where none is given (the module keeps its own); a given undefined
+// Tensor means "none", as None does in torch.func (e.g. a Linear without bias). Errors, naming `where`, for keys repeated
 // across dicts, unknown keys, missing keys under strict, and tied names given
 // different values; with tie_weights, tied names share the given value.
-std::vector<at::Tensor> resolve_values(const std::string& where, const std::vector<std::string>& names,
+std::vector<c10::optional<at::Tensor>> resolve_values(const std::string& where, const std::vector<std::string>& names,
                                        const std::vector<at::Tensor>& current,
                                        const std::vector<std::pair<std::string, at::Tensor>>& values,
                                        const std::vector<size_t>& dict_of, const FunctionalCallOptions& options);

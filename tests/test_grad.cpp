@@ -305,6 +305,69 @@ TEST_F(TF, LinearizeDoesNotRerunF) {
   expect_close(cols, J.t(), 1e-7);
   EXPECT_EQ(calls, 1);
   EXPECT_ERROR(jvp_fn(torch::randn({5}, torch::kDouble)), "to have the shape of its primal");
+  // A tangent of another dtype is rejected, as jvp itself does.
+  EXPECT_ERROR(jvp_fn(torch::randn({4}, torch::kFloat)), "to have the dtype of its primal");
+}
+
+// ---------------------------------------------------------------- vjp_fn / jvp_fn inside later transforms
+
+TEST_F(TF, VjpFnTakesPartInLaterTransforms) {
+  // A vjp_fn (or linearize's jvp_fn) called inside a transform that starts
+  // after its vjp returned is differentiated by that transform. (Level ids
+  // are reused: the later grad gets the vjp's old id, which once made the
+  // vjp_fn cut the later grad's graph and return 0.)
+  Tensor x = torch::tensor(0.7, torch::kDouble), ct = torch::tensor(1.3, torch::kDouble);
+  auto [y, vjp_fn] = func::vjp([](const Tensor& t) { return t.sin(); }, x);
+  // d/dc [c cos(x)] = cos(x)
+  Tensor g = func::grad([&](const Tensor& c) { return std::get<0>(vjp_fn(c)); })(ct);
+  expect_close(g, x.cos(), 1e-12);
+  // vjp of grad(-cos) = sin: its vjp_fn(c) = c cos(x), so again cos(x).
+  auto [s, vjp_sin] = func::vjp(func::grad([](const Tensor& t) { return -t.cos(); }), x);
+  expect_close(s, x.sin(), 1e-12);
+  expect_close(func::grad([&](const Tensor& c) { return std::get<0>(vjp_sin(c)); })(ct), x.cos(), 1e-12);
+  // Per-sample: vmap(grad) over cotangents, and jacrev through vjp_fn.
+  Tensor xs = torch::randn({3}, torch::kDouble);
+  auto [ys, vjp_vec] = func::vjp([](const Tensor& t) { return t.sin() * t; }, xs);
+  Tensor J = torch::diag(xs.cos() * xs + xs.sin());  // d(x sin x)/dx on the diagonal
+  expect_close(func::jacrev([&](const Tensor& c) { return std::get<0>(vjp_vec(c)); })(torch::ones({3}, torch::kDouble)), J,
+               1e-12);
+  expect_close(func::jacfwd([&](const Tensor& c) { return std::get<0>(vjp_vec(c)); })(torch::ones({3}, torch::kDouble)), J,
+               1e-12);
+  // linearize's jvp_fn inside grad: d/dv sum(J v) = J^T 1.
+  auto [lo, jvp_fn] = func::linearize([](const Tensor& t) { return t.sin() * t; }, xs);
+  expect_close(func::grad([&](const Tensor& v) { return jvp_fn(v).sum(); })(torch::randn({3}, torch::kDouble)),
+               J.sum(0), 1e-10);
+}
+
+TEST_F(TF, VjpFnGivesZerosForUnusedPrimalsAndConstantOutputs) {
+  // The answer is zeros of each primal's shape (torch.func too), never an
+  // error from inside the pullback.
+  Tensor x = torch::randn({2}, torch::kDouble), unused = torch::randn({3}, torch::kDouble);
+  Tensor c = torch::randn({4}, torch::kDouble);
+  auto [y, const_fn] = func::vjp([c](const Tensor&) { return c; }, x);
+  auto [g] = const_fn(torch::ones({4}, torch::kDouble));
+  expect_close(g, torch::zeros({2}, torch::kDouble), 0);
+  auto [y2, fn2] = func::vjp([](const Tensor& a, const Tensor&) { return a * 2; }, x, unused);
+  auto [ga, gu] = fn2(torch::ones({2}, torch::kDouble));
+  expect_close(ga, torch::full({2}, 2.0, torch::kDouble), 0);
+  expect_close(gu, torch::zeros({3}, torch::kDouble), 0);
+  // A pytree primal with one unused leaf.
+  std::map<std::string, Tensor> tree{{"used", x}, {"unused", unused}};
+  auto [y3, fn3] = func::vjp([](const std::map<std::string, Tensor>& m) { return m.at("used").sin(); }, tree);
+  auto [gt] = fn3(torch::ones({2}, torch::kDouble));
+  expect_close(gt.at("used"), x.cos(), 1e-12);
+  expect_close(gt.at("unused"), torch::zeros({3}, torch::kDouble), 0);
+  // The pullback of "vjp of a vjp_fn": vjp_fn is linear in its cotangent
+  // and does not depend on it through x, so the inner vjp's x-part is zero.
+  auto [ys, vjp_sin] = func::vjp([](const Tensor& t) { return t.sin(); }, x);
+  auto [gc, pull] = func::vjp([&](const Tensor& ct) { return std::get<0>(vjp_sin(ct)); }, torch::ones({2}, torch::kDouble));
+  auto [gct] = pull(torch::ones({2}, torch::kDouble));
+  expect_close(gct, x.cos(), 1e-12);
+  auto [k, vjp_const] = func::vjp([&](const Tensor& ct) { return std::get<0>(const_fn(ct)); }, torch::ones({4}, torch::kDouble));
+  auto [gk] = vjp_const(torch::ones({2}, torch::kDouble));
+  expect_close(gk, torch::zeros({4}, torch::kDouble), 0);
+  // Errors from a vjp_fn name vjp.
+  EXPECT_ERROR(const_fn(torch::ones({5}, torch::kDouble)), "torchfunc::vjp(f, *primals): vjp_fn(cotangents)");
 }
 
 }  // namespace

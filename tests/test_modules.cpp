@@ -1039,6 +1039,44 @@ TEST_F(TF, EnsembleOfMlpsMatchesLoop) {
   std::vector<std::shared_ptr<nn::LinearImpl>> shapes{std::make_shared<nn::LinearImpl>(2, 2),
                                                       std::make_shared<nn::LinearImpl>(2, 3)};
   EXPECT_ERROR(func::stack_module_state(shapes), "has shape");
+  // As torch.func: one training/eval mode, one class, one requires_grad per
+  // name across the models.
+  std::vector<nn::Linear> modes{nn::Linear(2, 2), nn::Linear(2, 2)};
+  modes[1]->eval();
+  EXPECT_ERROR(func::stack_module_state(modes), "Expected all models to have the same training/eval mode");
+  std::vector<std::shared_ptr<nn::Module>> classes{std::make_shared<nn::LinearImpl>(2, 2),
+                                                   std::make_shared<nn::SequentialImpl>()};
+  EXPECT_ERROR(func::stack_module_state(classes), "Expected all models to be of the same class");
+  std::vector<nn::Linear> grads{nn::Linear(2, 2), nn::Linear(2, 2)};
+  grads[1]->bias.requires_grad_(false);
+  EXPECT_ERROR(func::stack_module_state(grads), "Expected 'bias' from each model to have the same requires_grad");
+  // None of the models changed.
+  EXPECT_TRUE(grads[1]->bias.requires_grad() == false && modes[1]->is_training() == false);
+}
+
+TEST_F(TF, FunctionalCallUndefinedTensorMeansNone) {
+  // An undefined Tensor for a parameter means "none" (torch.func: None): a
+  // Linear without bias computes x W^T, never with the module's own bias.
+  nn::Linear lin(3, 2);
+  Tensor own_bias = lin->bias.detach().clone();
+  func::TensorDict p = func::named_parameters(lin);
+  p["bias"] = Tensor();
+  Tensor x = torch::randn({4, 3});
+  expect_close(func::functional_call(lin, p, x), x.matmul(p["weight"].t()), 1e-6);
+  // Under per-sample gradients too (weight mapped over nothing, bias none).
+  auto loss = [&](const Tensor& w, const Tensor& xi) {
+    func::TensorDict q;
+    q.insert("weight", w);
+    q.insert("bias", Tensor());
+    return func::functional_call(lin, q, xi).pow(2).sum();
+  };
+  Tensor w = p["weight"];
+  Tensor g = func::vmap(func::grad(loss), func::in_dims(func::none, 0))(w, x);
+  for (int64_t i = 0; i < 4; ++i) expect_close(g[i], 2 * torch::outer(w.mv(x[i]), x[i]), 1e-5);
+  // The module is unchanged afterwards.
+  ASSERT_TRUE(lin->bias.defined());
+  expect_close(lin->bias, own_bias, 0);
+  EXPECT_EQ(lin->named_parameters().size(), 2u);
 }
 
 // ---- training-loop helpers ----------------------------------------------------

@@ -70,7 +70,49 @@ TEST_F(TF, VmapChunkSizeEqualsUnchunked) {
     expect_close(a2, a.t());
     expect_close(b2, b);
   }
-  EXPECT_ERROR(func::vmap(f, func::VmapOptions().chunk_size(0))(xs), "chunk_size must be a positive integer");
+  // Rejected when the transform is built, not first when it is called.
+  EXPECT_ERROR(func::vmap(f, func::VmapOptions().chunk_size(0)), "vmap: chunk_size should be none or greater than 0");
+  EXPECT_ERROR(func::vmap(f, func::VmapOptions().chunk_size(-2)), "got -2");
+  EXPECT_ERROR(func::jacrev(f, func::JacrevOptions().chunk_size(0)), "chunk_size");
+}
+
+TEST_F(TF, VmapRandomnessSameAcrossChunks) {
+  // "same": every sample of the whole batch sees the same values, also when
+  // the batch runs in chunks; "different" with chunks still gives every
+  // sample its own values.
+  for (int64_t cs : {1, 2, 3, 5, 8}) {
+    SCOPED_TRACE("chunk_size " + std::to_string(cs));
+    auto f = [](const Tensor& x) { return x + torch::rand({3}); };
+    Tensor same = func::vmap(f, func::VmapOptions().randomness(func::Randomness::Same).chunk_size(cs))(torch::zeros({5, 3}));
+    for (int64_t i = 1; i < 5; ++i) expect_close(same[i], same[0], 0);
+    Tensor diff =
+        func::vmap(f, func::VmapOptions().randomness(func::Randomness::Different).chunk_size(cs))(torch::zeros({5, 3}));
+    for (int64_t i = 1; i < 5; ++i) EXPECT_GT((diff[i] - diff[0]).abs().max().item<double>(), 0);
+  }
+  // The values "same" draws do not depend on the chunking: each chunk draws
+  // from the generator state the whole batch started from.
+  torch::manual_seed(7);
+  Tensor whole = func::vmap([](const Tensor& x) { return x + torch::randn({4}); },
+                            func::VmapOptions().randomness(func::Randomness::Same))(torch::zeros({6, 4}));
+  torch::manual_seed(7);
+  Tensor chunked = func::vmap([](const Tensor& x) { return x + torch::randn({4}); },
+                              func::VmapOptions().randomness(func::Randomness::Same).chunk_size(4))(torch::zeros({6, 4}));
+  expect_close(chunked, whole, 0);
+}
+
+TEST_F(TF, VmapInPlaceResultIsTheInput) {
+  // An in-place op on a mapped input returns that input (torch.func too),
+  // with the op applied.
+  Tensor x = torch::rand({4, 3}, torch::kDouble);
+  Tensor expected = x.acos();
+  Tensor r = func::vmap([](Tensor t) { return t.acos_(); })(x);
+  EXPECT_TRUE(r.is_same(x));
+  expect_close(x, expected, 0);
+  // Along another dim the result is x with the batch dim moved (a view of x).
+  Tensor y = torch::rand({3, 4}, torch::kDouble);
+  Tensor moved = func::vmap([](Tensor t) { return t.mul_(2); }, 1)(y);
+  EXPECT_EQ(moved.data_ptr(), y.data_ptr());
+  expect_close(moved, y.t(), 0);
 }
 
 TEST_F(TF, VmapRandomness) {
@@ -145,6 +187,46 @@ TEST_F(TF, JacobianOfSeveralOutputsAndAux) {
   auto jd = func::jacrev([](const std::map<std::string, Tensor>& p) { return p.at("a") * p.at("b"); })(p);
   expect_close(jd.at("a"), torch::eye(2, torch::kDouble) * p.at("b"), 1e-12);
   expect_close(jd.at("b"), p.at("a"), 1e-12);
+}
+
+TEST_F(TF, JacobiansWithInPlaceWritesIntoOtherArguments) {
+  // f writes x into a non-differentiated argument in place (a buffer), then
+  // returns a function of it: the Jacobian is diag(2 cos(x)) by both modes.
+  Tensor x = torch::randn({4}, torch::kDouble);
+  auto f = [](const Tensor& x, Tensor buf) {
+    buf.copy_(x);
+    return buf.sin() * 2;
+  };
+  Tensor expected = torch::diag(2 * x.cos());
+  expect_close(func::jacfwd(f)(x, torch::zeros({4}, torch::kDouble)), expected, 1e-12);
+  expect_close(func::jacrev(f)(x, torch::zeros({4}, torch::kDouble)), expected, 1e-12);
+  // Rows written one by one into a buffer, then the buffer returned.
+  auto g = [](const Tensor& x, Tensor buf) {
+    for (int64_t i = 0; i < 4; ++i) buf[i] = x[i] * x[i];
+    return buf.clone();
+  };
+  expect_close(func::jacfwd(g)(x, torch::zeros({4}, torch::kDouble)), torch::diag(2 * x), 1e-12);
+  expect_close(func::jacrev(g)(x, torch::zeros({4}, torch::kDouble)), torch::diag(2 * x), 1e-12);
+  // jvp itself, with the buffer as a second (non-differentiated) argument.
+  Tensor t = torch::randn({4}, torch::kDouble);
+  auto [out, tan] = func::jvp([&](const Tensor& x) { return f(x, torch::zeros({4}, torch::kDouble)); },
+                              std::tuple{x}, std::tuple{t});
+  expect_close(tan, 2 * x.cos() * t, 1e-12);
+}
+
+TEST_F(TF, JacobiansRejectComplex) {
+  // As torch.func: no Jacobians of complex inputs or outputs (no holomorphic
+  // option); the error names the transform and the leaf.
+  Tensor z = torch::randn({3}, torch::kComplexDouble);
+  Tensor r = torch::randn({3}, torch::kDouble);
+  auto id = [](const Tensor& t) { return t * 2; };
+  EXPECT_ERROR(func::jacrev(id)(z), "jacrev");
+  EXPECT_ERROR(func::jacrev(id)(z), "Expected all inputs to be real but received complex tensor at args[0]");
+  EXPECT_ERROR(func::jacfwd(id)(z), "Expected all inputs to be real");
+  auto to_complex = [](const Tensor& t) { return torch::polar(t.abs() + 1, t); };
+  EXPECT_ERROR(func::jacrev(to_complex)(r), "Expected all outputs to be real but received complex tensor at output 0");
+  EXPECT_ERROR(func::jacfwd(to_complex)(r), "Expected all outputs to be real");
+  EXPECT_ERROR(func::hessian([](const Tensor& t) { return (t * t).sum().abs(); })(z), "real");
 }
 
 TEST_F(TF, HessianMatchesAnalyticAndBothCompositions) {

@@ -21,7 +21,7 @@ class VjpFn {
   std::tuple<Primals...> operator()(const Out& cotangents) const {
     if (auto err = detail::structure_mismatch(*out_like_, cotangents, detail::Path{nullptr, "", "cotangents"});
         !err.empty()) {
-      detail::fail("vjp_fn(cotangents): Expected the cotangents to have the same structure as the "
+      detail::fail("vjp(f, *primals): vjp_fn(cotangents): Expected the cotangents to have the same structure as the "
                    "outputs of f, but they differ " + err + ".");
     }
     detail::Tensors cts = tree_flatten(cotangents);

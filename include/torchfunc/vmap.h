@@ -118,6 +118,10 @@ auto vmap(F f, Opts&&... opts) {
   detail::VmapSpec spec;
   int positional = 0;
   detail::vmap_parse(spec, positional, std::forward<Opts>(opts)...);
+  // Checked when the transform is built, as torch.func does.
+  const auto cs = spec.options.chunk_size();
+  TORCH_CHECK(!cs.has_value() || *cs > 0, "torchfunc::vmap: chunk_size should be none or greater than 0, got ",
+              cs.has_value() ? *cs : 0, ".");
   return detail::VmapTransform<F>(std::move(f), std::move(spec));
 }
 
