@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Runs every WORKLOADS.md case on both sides -- torchfunc (C++, build/bench/
-torchfunc_bench) and Python's torch.func / functorch (bench/workloads.py) --
-each case in a fresh process, with the same thread count and BLAS, and prints
-a table of medians, ratios and speed-ups over the plain baselines. Writes
-bench-out/results.json and bench-out/ratios.png.
+"""Runs every WORKLOADS.md case side by side -- torchfunc (C++, build/bench/
+torchfunc_bench, on the torch 2.13 wheel's libtorch), Python's torch.func on
+the same wheel (bench/workloads.py) and JAX with jax.jit where the case has a
+JAX form (bench/jax_workloads.py) -- each case in --procs fresh processes per
+side, with the same thread count, and prints the median over processes of each
+process's median, the spread over processes (min-max), the ratios torchfunc /
+torch.func and torchfunc / JAX, the speed-up over the plain baseline and peak
+RSS. Writes bench-out/results.json and bench-out/ratios.png.
 
-  python3 bench/run.py                      # threads 1 and 2, default malloc and THP
-  python3 bench/run.py --threads 1 --malloc default --cases W9
+  .venv/bin/python bench/run.py                      # threads 1 and 2, default malloc and the cache
+  .venv/bin/python bench/run.py --threads 1 --malloc default --cases W9
 """
 import argparse
 import json
@@ -16,8 +19,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPP = os.path.join(ROOT, "build", "bench", "torchfunc_bench")
+CPP = os.environ.get("TORCHFUNC_BENCH", os.path.join(ROOT, "build", "bench", "torchfunc_bench"))
 PY = [sys.executable, os.path.join(ROOT, "bench", "workloads.py")]
+JAX = [sys.executable, os.path.join(ROOT, "bench", "jax_workloads.py")]
 # The plain baseline of each workload (a loop of autograd calls or of models).
 BASELINE = {"W1": "W1/loop", "W2": "W2/loop", "W3": "W3/loop", "W4": "W4/rows", "W5": "W5/loop",
             "W6": "W6/rows", "W8": "W8/loop", "W9": "W9/autograd_sin"}
@@ -44,16 +48,30 @@ def peak_rss_run(cmd, env):
     return rec
 
 
+def spread_run(cmd, env, procs):
+    """The case in `procs` fresh processes: median of their medians, their
+    min and max, and the largest peak RSS."""
+    recs = [peak_rss_run(cmd, env) for _ in range(procs)]
+    meds = sorted(r["median_us"] for r in recs)
+    out = dict(recs[0])
+    out["median_us"] = meds[len(meds) // 2]
+    out["min_median_us"], out["max_median_us"] = meds[0], meds[-1]
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in recs)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--malloc", default="default,thp,cache",
+    ap.add_argument("--malloc", default="default,cache",
                     help="default; thp (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, both sides); mallopt (glibc keeps "
                          "freed memory: MALLOC_MMAP_THRESHOLD_=32MiB, MALLOC_TRIM_THRESHOLD_=256MiB, both sides); "
                          "cache (the C++ side uses torchfunc::use_caching_cpu_allocator(), Python keeps default "
                          "malloc)")
     ap.add_argument("--cases", default="", help="comma-separated prefixes, e.g. W1,W9/grad_sin")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--procs", type=int, default=3, help="fresh processes per case and side (the spread)")
+    ap.add_argument("--no-jax", action="store_true")
     ap.add_argument("--min-time", type=float, default=1.0)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
     a = ap.parse_args()
@@ -61,11 +79,23 @@ def main():
         sys.exit(f"run.py: {CPP} not built (bash scripts/build.sh)")
     names = subprocess.run([CPP, "--list"], capture_output=True, text=True, check=True).stdout.split("\n")
     names = [n.split()[0] for n in names if n.strip()]
+    names = [n for n in names if not n.startswith("MT/")]  # C++ only: run torchfunc_bench --case MT/... directly
     if a.cases:
         names = [n for n in names if any(n.startswith(p) for p in a.cases.split(","))]
     import torch  # only for the version line
-    print(f"machine: {platform.node()}, {os.cpu_count()} cores; BLAS: {blas()}")
-    print(f"Python side: torch {torch.__version__}; C++ side: torchfunc on libtorch (see 'torch' in results)")
+    jax_names = set()
+    if not a.no_jax:
+        try:
+            jax_names = set(subprocess.run(JAX + ["--list"], capture_output=True, text=True,
+                                           check=True).stdout.split())
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            print("run.py: JAX not available (pip install jax jaxlib); no JAX column")
+    wheel_blas = next((p.split("=", 1)[1] for p in torch.__config__.show().replace(",", " ").split()
+                       if p.startswith("BLAS_INFO=")), "?")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores; BLAS: the torch wheel's {wheel_blas} (torchfunc and "
+          f"torch.func: one libtorch), JAX: XLA's own (Eigen); Debian's libblas.so.3: {blas()}")
+    print(f"torch.func side: torch {torch.__version__}; C++ side: torchfunc on the libtorch in 'torch' of results; "
+          f"{a.procs} processes per case and side")
     results = []
     for malloc in a.malloc.split(","):
         env = dict(os.environ)
@@ -83,35 +113,43 @@ def main():
         for threads in [int(t) for t in a.threads.split(",")]:
             env["OMP_NUM_THREADS"] = str(threads)
             print(f"\n== {threads} thread(s), malloc: {malloc} ==")
-            print(f"{'case':<18} {'torchfunc':>12} {'python':>12} {'ratio':>7} {'baseline':>12} {'speed-up':>9}  "
-                  f"{'RSS tf/py MiB':>14}")
+            print(f"{'case':<18} {'torchfunc':>11} {'spread':>15} {'torch.func':>11} {'JAX':>11} "
+                  f"{'tf/func':>7} {'tf/JAX':>7} {'speed-up':>9}  {'RSS tf/func MiB':>15}")
             rows = {}
             for n in names:
                 reps = max(3, a.reps // 6) if n.split("/")[0] in HEAVY else a.reps
                 common = ["--case", n, "--threads", str(threads), "--reps", str(reps), "--min-time", str(a.min_time)]
-                tf = peak_rss_run([CPP] + common, env)
-                py = peak_rss_run(PY + common, env)
-                rows[n] = (tf, py)
+                rows[n] = (spread_run([CPP] + common, env, a.procs), spread_run(PY + common, env, a.procs),
+                           spread_run(JAX + common, env, a.procs) if n in jax_names else None)
             for n in names:
-                tf, py = rows[n]
+                tf, py, jx = rows[n]
                 w = n.split("/")[0]
                 base = BASELINE.get(w)
                 is_base = base == n
                 base_us = rows[base][0]["median_us"] if base in rows and not is_base else None
                 rec = {"case": n, "threads": threads, "malloc": malloc, "torchfunc_us": tf["median_us"],
-                       "python_us": py["median_us"], "ratio": tf["median_us"] / py["median_us"],
+                       "torchfunc_spread_us": [tf["min_median_us"], tf["max_median_us"]],
+                       "python_us": py["median_us"], "python_spread_us": [py["min_median_us"], py["max_median_us"]],
+                       "ratio": tf["median_us"] / py["median_us"],
+                       "jax_us": jx["median_us"] if jx else None,
+                       "jax_spread_us": [jx["min_median_us"], jx["max_median_us"]] if jx else None,
+                       "ratio_jax": tf["median_us"] / jx["median_us"] if jx else None,
                        "baseline_us": base_us, "speedup_over_baseline": base_us / tf["median_us"] if base_us else None,
                        "torchfunc_rss_mib": tf["peak_rss_mib"], "python_rss_mib": py["peak_rss_mib"],
-                       "libtorch": tf.get("torch"), "python_torch": py.get("torch"), "python_api": py.get("api")}
+                       "libtorch": tf.get("torch"), "python_torch": py.get("torch"), "python_api": py.get("api"),
+                       "jax": jx.get("jax") if jx else None}
                 results.append(rec)
                 def fmt(us):
-                    return f"{us / 1000:10.3f}ms" if us >= 1000 else f"{us:10.1f}us"
+                    return f"{us / 1000:8.3f}ms" if us >= 1000 else f"{us:8.1f}us"
+                spread = f"{fmt(tf['min_median_us']).strip()}-{fmt(tf['max_median_us']).strip()}"
                 speedup = f"{rec['speedup_over_baseline']:8.2f}x" if base_us else ""
-                print(f"{n:<18} {fmt(tf['median_us']):>12} {fmt(py['median_us']):>12} {rec['ratio']:7.2f} "
-                      f"{fmt(base_us) if base_us else '':>12} {speedup:>9}  "
-                      f"{tf['peak_rss_mib']:6.0f}/{py['peak_rss_mib']:<6.0f}", flush=True)
+                rj = f"{rec['ratio_jax']:7.2f}" if jx else f"{'':>7}"
+                print(f"{n:<18} {fmt(tf['median_us']):>11} {spread:>15} {fmt(py['median_us']):>11} "
+                      f"{fmt(jx['median_us']) if jx else '':>11} {rec['ratio']:7.2f} {rj} {speedup:>9}  "
+                      f"{tf['peak_rss_mib']:7.0f}/{py['peak_rss_mib']:<7.0f}", flush=True)
     os.makedirs(a.out, exist_ok=True)
-    meta = {"blas": blas(), "cores": os.cpu_count(), "python_torch": torch.__version__}
+    meta = {"blas": wheel_blas, "debian_blas": blas(), "cores": os.cpu_count(), "python_torch": torch.__version__,
+            "procs": a.procs}
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     try:

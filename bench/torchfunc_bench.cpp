@@ -287,6 +287,44 @@ std::vector<Case> all_cases() {
                        fn(ct);
                      });
                    }});
+  // Transforms in several application threads at once (libtorch 2.x: no
+  // process-wide lock; 1.13 runs them one at a time). The same 8 calls of
+  // vmap(grad) over a small MLP, run by 1, 2 or 8 threads (intra-op threads
+  // as --threads, usually 1); no torch.func counterpart (Python's GIL).
+  for (int app_threads : {1, 2, 8}) {
+    cases.push_back({"MT/vmap_grad_x8_t" + std::to_string(app_threads),
+                     "8 calls of vmap(grad) over an MLP 784-128-10, batch 64, spread over " +
+                         std::to_string(app_threads) + " application thread(s)",
+                     [=] {
+                       // One model copy per thread: functional_call sets a
+                       // module's members for the call, so threads must not
+                       // share one module object (torchfunc raises if they do).
+                       auto model = mlp(784, 128, 10);
+                       TensorDict params = func::named_parameters(model);
+                       Tensor x = torch::randn({64, 784});
+                       Tensor y = torch::randint(10, {64});
+                       std::vector<std::function<void()>> per_thread;
+                       for (int t = 0; t < app_threads; ++t) {
+                         auto copy = std::dynamic_pointer_cast<nn::SequentialImpl>(model->clone());
+                         auto loss = [copy](const TensorDict& p, const Tensor& xi, const Tensor& yi) {
+                           Tensor logits = func::functional_call(copy, p, xi.unsqueeze(0));
+                           return torch::nll_loss(torch::log_softmax(logits, 1), yi.unsqueeze(0));
+                         };
+                         auto f = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
+                         per_thread.push_back([=] { f(params, x, y); });
+                       }
+                       const int intra = torch::get_num_threads();
+                       return Call([=] {
+                         std::vector<std::thread> ts;
+                         for (int t = 0; t < app_threads; ++t)
+                           ts.emplace_back([&, t] {
+                             torch::set_num_threads(intra);
+                             for (int k = t; k < 8; k += app_threads) per_thread[t]();
+                           });
+                         for (auto& th : ts) th.join();
+                       });
+                     }});
+  }
   cases.push_back({"W9/autograd_sin", "baseline: autograd.grad of sin on a 0-dim tensor", [=] {
                      Tensor x = torch::randn({});
                      return Call([=] {

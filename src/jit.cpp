@@ -9,6 +9,20 @@ JitReparametrize::JitReparametrize(torch::jit::Module& root,
                                    const std::vector<std::pair<std::string, at::Tensor>>& values,
                                    const std::vector<size_t>& dict_of, const FunctionalCallOptions& options) {
   const std::string where = "functional_call(" + root.type()->name()->name() + ", ...)";
+  claim_module(root._ivalue().get(), where);
+  claimed_ = root._ivalue().get();
+  try {
+    substitute(root, values, dict_of, options, where);
+  } catch (...) {
+    release_module(claimed_);
+    throw;
+  }
+}
+
+void JitReparametrize::substitute(torch::jit::Module& root,
+                                  const std::vector<std::pair<std::string, at::Tensor>>& values,
+                                  const std::vector<size_t>& dict_of, const FunctionalCallOptions& options,
+                                  const std::string& where) {
   std::vector<std::string> names;
   std::vector<at::Tensor> current;
   for (const auto& p : root.named_parameters(/*recurse=*/true)) names.push_back(p.name), current.push_back(p.value);
@@ -41,7 +55,10 @@ JitReparametrize::JitReparametrize(torch::jit::Module& root,
   }
 }
 
-JitReparametrize::~JitReparametrize() { restore(); }
+JitReparametrize::~JitReparametrize() {
+  restore();
+  release_module(claimed_);
+}
 
 void JitReparametrize::restore() noexcept {
   for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) it->owner.setattr(it->attr, it->original);

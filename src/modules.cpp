@@ -16,6 +16,7 @@
 #include <torch/nn.h>
 
 #include <mutex>
+#include <thread>
 #include <typeinfo>
 #include <set>
 #include <unordered_map>
@@ -220,9 +221,53 @@ void register_module_slots(std::type_index type, SlotLister lister) {
   registry()[type] = std::move(lister);
 }
 
+namespace {
+struct ModuleUse {
+  std::thread::id thread;
+  int depth = 0;
+};
+std::mutex& use_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::unordered_map<const void*, ModuleUse>& uses() {
+  static std::unordered_map<const void*, ModuleUse> u;
+  return u;
+}
+}  // namespace
+
+void claim_module(const void* root, const std::string& where) {
+  std::lock_guard<std::mutex> lock(use_mutex());
+  auto [it, fresh] = uses().try_emplace(root, ModuleUse{std::this_thread::get_id(), 0});
+  TORCH_CHECK(fresh || it->second.thread == std::this_thread::get_id(), "torchfunc::", where,
+              ": this module is inside functional_call in another thread right now. functional_call sets the "
+              "module's parameters for the duration of the call, so one module object cannot serve two "
+              "threads at once; give each thread its own copy (e.g. module->clone()).");
+  ++it->second.depth;
+}
+
+void release_module(const void* root) noexcept {
+  std::lock_guard<std::mutex> lock(use_mutex());
+  auto it = uses().find(root);
+  if (it != uses().end() && --it->second.depth == 0) uses().erase(it);
+}
+
 Reparametrize::Reparametrize(nn::Module& root, const std::vector<std::pair<std::string, at::Tensor>>& values,
                              const std::vector<size_t>& dict_of, const FunctionalCallOptions& options) {
   const std::string where = "functional_call(" + root.name() + ", ...)";
+  claim_module(&root, where);
+  claimed_ = &root;
+  try {
+    substitute(root, values, dict_of, options, where);
+  } catch (...) {
+    release_module(claimed_);
+    throw;
+  }
+}
+
+void Reparametrize::substitute(nn::Module& root, const std::vector<std::pair<std::string, at::Tensor>>& values,
+                               const std::vector<size_t>& dict_of, const FunctionalCallOptions& options,
+                               const std::string& where) {
   std::vector<std::pair<std::string, Entry>> entries;
   walk(root, "", entries);
 
@@ -289,7 +334,10 @@ void Reparametrize::restore() noexcept {
   saved_.clear();
 }
 
-Reparametrize::~Reparametrize() { restore(); }
+Reparametrize::~Reparametrize() {
+  restore();
+  release_module(claimed_);
+}
 
 }  // namespace detail
 

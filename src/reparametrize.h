@@ -22,5 +22,13 @@ std::vector<c10::optional<at::Tensor>> resolve_values(const std::string& where, 
                                        const std::vector<std::pair<std::string, at::Tensor>>& values,
                                        const std::vector<size_t>& dict_of, const FunctionalCallOptions& options);
 
+// functional_call points a module's members at the given tensors for one
+// call, so one module cannot serve two threads at once (each would see the
+// other's tensors). claim_module records that this thread uses `root`
+// (nested calls in the same thread are fine) and raises, naming `where`, if
+// another thread is using it; release_module undoes one claim.
+void claim_module(const void* root, const std::string& where);
+void release_module(const void* root) noexcept;
+
 }  // namespace detail
 }  // namespace torchfunc

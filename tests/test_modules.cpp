@@ -3,7 +3,10 @@
 // tensors are swapped by hand and loops of ordinary backward passes.
 #include <torchfunc/jit.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
+#include <thread>
 
 #include "common.h"
 
@@ -126,6 +129,22 @@ struct Unregistered : nn::Module {
   Unregistered() { w = register_parameter("w", torch::randn({3})); }
   Tensor forward(const Tensor& x) { return x * w; }
   Tensor w;
+};
+
+// Its forward waits until told to go on, so a test can hold it inside
+// functional_call in one thread while another thread tries the same module.
+struct Waiting : nn::Module {
+  Waiting() {
+    w = register_parameter("w", torch::randn({3}));
+    func::register_module_members<Waiting>(&Waiting::w);
+  }
+  Tensor forward(const Tensor& x) {
+    inside = true;
+    while (!go) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return x * w;
+  }
+  Tensor w;
+  std::atomic<bool> inside{false}, go{true};
 };
 
 struct Scaled : nn::Module {
@@ -1052,6 +1071,57 @@ TEST_F(TF, EnsembleOfMlpsMatchesLoop) {
   EXPECT_ERROR(func::stack_module_state(grads), "Expected 'bias' from each model to have the same requires_grad");
   // None of the models changed.
   EXPECT_TRUE(grads[1]->bias.requires_grad() == false && modes[1]->is_training() == false);
+}
+
+TEST_F(TF, FunctionalCallOneModulePerThread) {
+  // A module inside functional_call in one thread cannot serve another
+  // thread at the same time (its members hold the first thread's tensors):
+  // a clear error instead of silently mixed parameters. Nested calls in one
+  // thread and one copy per thread work.
+  auto m = std::make_shared<Waiting>();
+  Tensor own = m->w.detach().clone();
+  Tensor wa = torch::randn({3}), wb = torch::randn({3}), x = torch::randn({3});
+  func::TensorDict pa, pb;
+  pa.insert("w", wa);
+  pb.insert("w", wb);
+  m->go = false;
+  Tensor ra;
+  std::thread a([&] { ra = func::functional_call(m, pa, x); });
+  while (!m->inside) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_ERROR(func::functional_call(m, pb, x), "inside functional_call in another thread");
+  m->go = true;
+  a.join();
+  expect_close(ra, x * wa, 0);
+  expect_close(func::functional_call(m, pb, x), x * wb, 0);  // free again
+  expect_close(m->w, own, 0);
+  // Nested in one thread: grad over a functional_call inside another.
+  Tensor g = func::grad([&](const Tensor& w) {
+    func::TensorDict p;
+    p.insert("w", w);
+    return func::functional_call(m, p, func::functional_call(m, pa, x)).sum();
+  })(wb);
+  expect_close(g, x * wa, 1e-6);
+  // One clone per thread: 8 threads of per-sample gradients at once.
+  nn::Linear lin(3, 2);
+  func::TensorDict params = func::named_parameters(lin);
+  Tensor xs = torch::randn({5, 3});
+  auto make = [](nn::Linear l) {
+    return func::vmap(func::grad([l](const func::TensorDict& p, const Tensor& xi) {
+      return func::functional_call(l, p, xi).pow(2).sum();
+    }), func::in_dims(func::none, 0));
+  };
+  func::TensorDict ref = make(lin)(params, xs);
+  std::vector<std::thread> ts;
+  std::vector<int> ok(8, 0);
+  for (int t = 0; t < 8; ++t) {
+    ts.emplace_back([&, t] {
+      auto copy = std::dynamic_pointer_cast<nn::LinearImpl>(lin->clone());
+      func::TensorDict got = make(nn::Linear(copy))(params, xs);
+      ok[t] = torch::allclose(got["weight"], ref["weight"]) && torch::allclose(got["bias"], ref["bias"]);
+    });
+  }
+  for (auto& th : ts) th.join();
+  for (int t = 0; t < 8; ++t) EXPECT_TRUE(ok[t]) << "thread " << t;
 }
 
 TEST_F(TF, FunctionalCallUndefinedTensorMeansNone) {

@@ -54,15 +54,23 @@ class Reparametrize {
   Reparametrize& operator=(const Reparametrize&) = delete;
 
  private:
+  void substitute(torch::nn::Module& root, const std::vector<std::pair<std::string, at::Tensor>>& values,
+                  const std::vector<size_t>& dict_of_value, const FunctionalCallOptions& options,
+                  const std::string& where);
   void restore() noexcept;
   std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;  // slot, original handle
+  const void* claimed_ = nullptr;  // the root module, claimed for this thread (src/modules.cpp)
 };
 
 // The module object behind a ModuleHolder, a std::shared_ptr or a reference.
+// (Through .ptr() for a ModuleHolder: a const holder, e.g. one captured by
+// value in a lambda, still names a mutable module, as a const shared_ptr does.)
 template <class M>
 auto& impl_ref(M& m) {
   if constexpr (std::is_base_of_v<torch::nn::Module, std::decay_t<M>>) {
     return m;
+  } else if constexpr (std::is_base_of_v<torch::detail::ModuleHolderIndicator, std::decay_t<M>>) {
+    return *m.ptr();
   } else {
     return *m;
   }

@@ -32,8 +32,12 @@ class JitReparametrize {
     std::string attr;
     c10::IValue original;
   };
+  void substitute(torch::jit::Module& root, const std::vector<std::pair<std::string, at::Tensor>>& values,
+                  const std::vector<size_t>& dict_of_value, const FunctionalCallOptions& options,
+                  const std::string& where);
   void restore() noexcept;
   std::vector<Saved> saved_;
+  const void* claimed_ = nullptr;  // the root module, claimed for this thread (src/modules.cpp)
 };
 
 }  // namespace detail
