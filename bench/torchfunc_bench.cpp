@@ -7,6 +7,7 @@
 //   torchfunc_bench --case W2/vmap --threads 1 --reps 50
 //   torchfunc_bench --all --reps 1          (smoke run: every case once)
 // Prints one JSON object per case: {"case", "median_us", "reps", ...}.
+#include <torch/cuda.h>
 #include <torch/torch.h>
 #include <torchfunc/torchfunc.h>
 
@@ -29,6 +30,11 @@ using func::TensorDict;
 namespace {
 
 using Call = std::function<void()>;
+
+// --device: W1, W2 and W9 run on it (scripts/gpu-check.sh uses cuda); the
+// other cases are CPU only.
+c10::Device g_device(c10::kCPU);
+bool device_case(const std::string& name) { return name.rfind("W1/", 0) == 0 || name.rfind("W2/", 0) == 0 || name.rfind("W9/", 0) == 0; }
 struct Case {
   std::string name, what;
   std::function<Call()> setup;  // builds inputs, returns the timed call
@@ -79,7 +85,8 @@ template <class M>
 std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> make, std::vector<int64_t> x_shape) {
   auto setup_vmap = [=] {
     auto model = std::make_shared<M>(make());
-    auto x = torch::randn(x_shape), y = torch::randint(10, {x_shape[0]});
+    (*model)->to(g_device);
+    auto x = torch::randn(x_shape, g_device), y = torch::randint(10, {x_shape[0]}, torch::TensorOptions(g_device).dtype(torch::kLong));
     auto params = std::make_shared<TensorDict>(func::named_parameters(*model));
     auto loss = [model](const TensorDict& p, const Tensor& xi, const Tensor& yi) {
       return nll(func::functional_call(*model, p, xi.unsqueeze(0)), yi.unsqueeze(0));
@@ -89,7 +96,8 @@ std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> mak
   };
   auto setup_loop = [=] {
     auto model = std::make_shared<M>(make());
-    auto x = torch::randn(x_shape), y = torch::randint(10, {x_shape[0]});
+    (*model)->to(g_device);
+    auto x = torch::randn(x_shape, g_device), y = torch::randint(10, {x_shape[0]}, torch::TensorOptions(g_device).dtype(torch::kLong));
     return Call([=] {
       auto ps = (*model)->parameters();
       std::vector<std::vector<Tensor>> per(ps.size());
@@ -267,21 +275,21 @@ std::vector<Case> all_cases() {
   // W9: per-call overhead.
   auto sin = [](const Tensor& t) { return torch::sin(t); };
   cases.push_back({"W9/grad_sin", "grad(sin) on a 0-dim tensor", [=] {
-                     Tensor x = torch::randn({});
+                     Tensor x = torch::randn({}, g_device);
                      auto f = func::grad(sin);
                      return Call([=] { f(x); });
                    }});
   cases.push_back({"W9/vmap_sin", "vmap(sin) on [64]", [=] {
-                     Tensor x = torch::randn({64});
+                     Tensor x = torch::randn({64}, g_device);
                      auto f = func::vmap(sin);
                      return Call([=] { f(x); });
                    }});
   cases.push_back({"W9/jvp_sin", "jvp(sin) on [64]", [=] {
-                     Tensor x = torch::randn({64}), t = torch::randn({64});
+                     Tensor x = torch::randn({64}, g_device), t = torch::randn({64}, g_device);
                      return Call([=] { func::jvp(sin, std::tuple{x}, std::tuple{t}); });
                    }});
   cases.push_back({"W9/vjp_sin", "vjp(sin) on [64] and calling its vjp_fn", [=] {
-                     Tensor x = torch::randn({64}), ct = torch::randn({64});
+                     Tensor x = torch::randn({64}, g_device), ct = torch::randn({64}, g_device);
                      return Call([=] {
                        auto [out, fn] = func::vjp(sin, x);
                        fn(ct);
@@ -326,7 +334,7 @@ std::vector<Case> all_cases() {
                      }});
   }
   cases.push_back({"W9/autograd_sin", "baseline: autograd.grad of sin on a 0-dim tensor", [=] {
-                     Tensor x = torch::randn({});
+                     Tensor x = torch::randn({}, g_device);
                      return Call([=] {
                        Tensor xr = x.detach().requires_grad_(true);
                        torch::autograd::grad({torch::sin(xr)}, {xr});
@@ -339,6 +347,13 @@ nlohmann::json run_case(const Case& c, int reps, double min_time_s) {
   torch::manual_seed(0);
   Call call = c.setup();
   int warmup = std::max(1, std::min(5, reps / 10));
+  if (g_device.is_cuda()) {  // time whole calls: wait for the GPU after each
+    Call inner = call;
+    call = [inner] {
+      inner();
+      torch::cuda::synchronize();
+    };
+  }
   for (int i = 0; i < warmup; ++i) call();
   std::vector<double> us;
   auto start = std::chrono::steady_clock::now();
@@ -353,7 +368,7 @@ nlohmann::json run_case(const Case& c, int reps, double min_time_s) {
   std::sort(sorted.begin(), sorted.end());
   return {{"case", c.name}, {"what", c.what}, {"side", "torchfunc"}, {"median_us", sorted[sorted.size() / 2]},
           {"min_us", sorted.front()}, {"reps", sorted.size()}, {"threads", torch::get_num_threads()},
-          {"torch", TORCH_VERSION}};
+          {"torch", TORCH_VERSION}, {"device", g_device.str()}};
 }
 
 }  // namespace
@@ -370,8 +385,15 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "timed calls per case (at least)")->capture_default_str();
   app.add_option("--min-time", min_time, "keep timing until this many seconds have passed")->capture_default_str();
   app.add_option("--threads", threads, "intra-op threads")->capture_default_str();
+  std::string device = "cpu";
+  app.add_option("--device", device, "cpu or cuda (W1, W2, W9 only)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   torch::set_num_threads(threads);
+  g_device = c10::Device(device);
+  if (g_device.is_cuda() && !torch::cuda::is_available()) {
+    std::fprintf(stderr, "torchfunc_bench: --device cuda, but no CUDA device is available\n");
+    return 2;
+  }
   // bench/run.py's "cache" mode: torchfunc's opt-in caching CPU allocator
   // (torchfunc would switch at the first transform; here it covers set-up too).
   const char* cache = std::getenv("TORCHFUNC_CACHING_ALLOCATOR");
@@ -384,6 +406,11 @@ int main(int argc, char** argv) {
   int ran = 0;
   for (const auto& c : cases) {
     if (!all && c.name != which) continue;
+    if (!g_device.is_cpu() && !device_case(c.name)) {
+      if (all) continue;
+      std::fprintf(stderr, "torchfunc_bench: case %s runs on the CPU only\n", c.name.c_str());
+      return 2;
+    }
     std::printf("%s\n", run_case(c, reps, min_time).dump().c_str());
     std::fflush(stdout);
     ++ran;

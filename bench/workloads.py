@@ -65,10 +65,13 @@ def params_of(model):
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
+DEVICE = "cpu"  # --device: W1, W2 and W9 run there (scripts/gpu-check.sh uses cuda)
+
+
 def per_sample(make, shape):
     def setup_vmap():
-        model = make()
-        x, y = torch.randn(shape), torch.randint(10, (shape[0],))
+        model = make().to(DEVICE)
+        x, y = torch.randn(shape, device=DEVICE), torch.randint(10, (shape[0],), device=DEVICE)
         params = params_of(model)
 
         def loss(p, xi, yi):
@@ -77,8 +80,8 @@ def per_sample(make, shape):
         return lambda: f(params, x, y)
 
     def setup_loop():
-        model = make()
-        x, y = torch.randn(shape), torch.randint(10, (shape[0],))
+        model = make().to(DEVICE)
+        x, y = torch.randn(shape, device=DEVICE), torch.randint(10, (shape[0],), device=DEVICE)
         ps = list(model.parameters())
 
         def run():
@@ -229,19 +232,19 @@ def cases():
     c["W8/vmap_grad"], c["W8/vmap_grad_mse"], c["W8/loop"] = w8(True), w8(True, mse=True), w8(False)
 
     def w9_grad():
-        x, f = torch.randn(()), grad(torch.sin)
+        x, f = torch.randn((), device=DEVICE), grad(torch.sin)
         return lambda: f(x)
 
     def w9_vmap():
-        x, f = torch.randn(64), vmap(torch.sin)
+        x, f = torch.randn(64, device=DEVICE), vmap(torch.sin)
         return lambda: f(x)
 
     def w9_jvp():
-        x, t = torch.randn(64), torch.randn(64)
+        x, t = torch.randn(64, device=DEVICE), torch.randn(64, device=DEVICE)
         return lambda: jvp(torch.sin, (x,), (t,))
 
     def w9_vjp():
-        x, ct = torch.randn(64), torch.randn(64)
+        x, ct = torch.randn(64, device=DEVICE), torch.randn(64, device=DEVICE)
 
         def run():
             out, fn = vjp(torch.sin, x)
@@ -249,7 +252,7 @@ def cases():
         return run
 
     def w9_autograd():
-        x = torch.randn(())
+        x = torch.randn((), device=DEVICE)
 
         def run():
             xr = x.detach().requires_grad_(True)
@@ -262,7 +265,13 @@ def cases():
 
 def run_case(name, setup, reps, min_time):
     torch.manual_seed(0)
-    call = setup()
+    inner = setup()
+    if DEVICE != "cpu":
+        def call():  # time whole calls: wait for the GPU after each
+            inner()
+            torch.cuda.synchronize()
+    else:
+        call = inner
     for _ in range(max(1, min(5, reps // 10))):
         call()
     us = []
@@ -274,7 +283,7 @@ def run_case(name, setup, reps, min_time):
         if len(us) >= reps * 20:
             break
     return {"case": name, "side": "python", "median_us": statistics.median(us), "min_us": min(us), "reps": len(us),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "api": API}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "api": API, "device": DEVICE}
 
 
 def main():
@@ -285,7 +294,13 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--min-time", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (W1, W2, W9 only)")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = a.device
+    if DEVICE != "cpu" and a.case and a.case.split("/")[0] not in ("W1", "W2", "W9"):
+        print(f"workloads.py: case {a.case} runs on the CPU only", file=sys.stderr)
+        return 2
     torch.set_num_threads(a.threads)
     cs = cases()
     if a.list:

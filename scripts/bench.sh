@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The benchmark command: set up (adds Python's torch and matplotlib), build,
-# run every workload on torchfunc and on Python's functorch / torch.func side
-# by side. Arguments go to bench/run.py (e.g. --threads 1 --cases W9).
+# The benchmark command: set up (libtorch 2.13 from the torch wheel in .venv,
+# plus JAX and matplotlib there), build, run every workload on torchfunc,
+# torch.func 2.13 (same wheel) and JAX (jax.jit, CPU) side by side.
+# Arguments go to bench/run.py (e.g. --threads 1 --cases W9 --procs 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-for p in python3-torch python3-matplotlib; do
-  dpkg -s "$p" >/dev/null 2>&1 || { $SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-torch python3-matplotlib; break; }
-done
-bash scripts/build.sh
-/usr/bin/python3 bench/run.py "$@"
+TORCHFUNC_LIBTORCH=wheel bash scripts/setup.sh
+.venv/bin/python -c 'import jax, matplotlib' 2>/dev/null ||
+  .venv/bin/pip install -q --disable-pip-version-check jax jaxlib matplotlib
+TORCHFUNC_LIBTORCH=wheel bash scripts/build.sh >/dev/null
+.venv/bin/python bench/run.py "$@"

@@ -315,3 +315,43 @@ TEST(Environment, CachingAllocatorFromEnvironment) {
   expect_close(y, x * 2, 0);
   func::use_default_cpu_allocator();
 }
+
+// ---- CUDA (skipped without a GPU) -------------------------------------------------
+
+namespace {
+
+TEST_F(TF, CudaTransformsMatchCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the CUDA checks need a GPU";
+  // Every transform on CUDA tensors against the same computation on the CPU
+  // (an independent device path), in double.
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kDouble);
+  Tensor w = torch::randn({4, 3}, torch::kDouble), xs = torch::randn({6, 3}, torch::kDouble);
+  auto loss = [](const Tensor& w, const Tensor& x) { return torch::mv(w, x).tanh().sum(); };
+  auto per_sample = func::vmap(func::grad(loss), func::in_dims(func::none, 0));
+  Tensor g_cpu = per_sample(w, xs), g_gpu = per_sample(w.to(cuda), xs.to(cuda));
+  EXPECT_TRUE(g_gpu.is_cuda());
+  expect_close(g_gpu.cpu(), g_cpu, 1e-10);
+  auto lx = [&](const Tensor& x) { return loss(x.is_cuda() ? w.to(cuda) : w, x); };
+  expect_close(func::hessian(lx)(xs[0].to(cuda)).cpu(), func::hessian(lx)(xs[0]), 1e-10);
+  expect_close(func::jacrev(func::grad(lx))(xs[1].to(cuda)).cpu(), func::jacfwd(func::grad(lx))(xs[1]), 1e-10);
+  Tensor v = torch::randn({3}, torch::kDouble);
+  expect_close(func::jvp(lx, std::tuple{xs[2].to(cuda)}, std::tuple{v.to(cuda)}).second.cpu(),
+               func::jvp(lx, std::tuple{xs[2]}, std::tuple{v}).second, 1e-10);
+  // Per-sample gradients of a module on the GPU (functional_call).
+  torch::nn::Linear lin(3, 2);
+  lin->to(torch::kDouble);
+  func::TensorDict p = func::named_parameters(lin);
+  auto mloss = [&](const func::TensorDict& q, const Tensor& x) { return func::functional_call(lin, q, x).pow(2).sum(); };
+  func::TensorDict ref = func::vmap(func::grad(mloss), func::in_dims(func::none, 0))(p, xs);
+  lin->to(torch::kCUDA);
+  func::TensorDict pg;
+  for (const auto& it : p) pg.insert(it.key(), it.value().to(cuda));
+  func::TensorDict got = func::vmap(func::grad(mloss), func::in_dims(func::none, 0))(pg, xs.to(cuda));
+  for (const auto& it : ref) expect_close(got[it.key()].cpu(), it.value(), 1e-10);
+  // randomness Same under chunks on CUDA too.
+  Tensor same = func::vmap([](const Tensor& x) { return x + torch::rand({3}, x.options()); },
+                           func::VmapOptions().randomness(func::Randomness::Same).chunk_size(2))(torch::zeros({5, 3}, cuda));
+  for (int64_t i = 1; i < 5; ++i) expect_close(same[i].cpu(), same[0].cpu(), 0);
+}
+
+}  // namespace
