@@ -46,7 +46,7 @@ constexpr bool kLibtorch113 = TORCHFUNC_LIBTORCH_1_13;
 constexpr bool kReplaceNllLossBatchRules = true;
 
 // Drops c10 warnings while alive (the dispatcher warns when a kernel replaces
-// another, which is what kReplaceBrokenBatchRules does on purpose).
+// another, which BatchRuleRegistrar::replace does on purpose).
 // Warning handlers live in c10::WarningUtils on 2.x (c10::Warning on 1.13), and
 // 2.x's handler receives one c10::Warning object.
 #if TORCH_VERSION_MAJOR >= 2

@@ -1,7 +1,8 @@
-// src/jvp_decompositions.cpp: forward-mode derivatives that libtorch 1.13
-// delegates to TorchScript decompositions.
+// src/jvp_decompositions.cpp: forward-mode derivatives that libtorch (1.13,
+// and still 2.13 for most of them; see kDecompositions) delegates to
+// TorchScript decompositions.
 //
-// For a few backward ops libtorch 1.13 has no forward-mode formula; its
+// For a few backward ops libtorch has no forward-mode formula; its
 // autograd kernel instead runs a TorchScript decomposition of the op under
 // forward AD, if one is registered, and otherwise fails with "Trying to use
 // forward AD with <op> that does not support it". Python's functorch
