@@ -36,6 +36,7 @@
 #include <sstream>
 
 #include "compat.h"
+#include "variable_hooks.h"
 
 namespace torchfunc {
 namespace detail {
@@ -58,6 +59,7 @@ static void setup_once() {
     use_allocator_from_environment();
     ensure_escape_check();
     ensure_batch_rules();
+    install_variable_hooks();
     return true;
   }();
   (void)done;
@@ -114,16 +116,22 @@ class ThreadSerializer {
 };
 thread_local int ThreadSerializer::depth_ = 0;
 
+// The api string of each transform this thread is inside, innermost last
+// (for messages raised by code that does not know which transform runs).
+thread_local std::vector<const char*> t_transforms;
+
 /// Pushes one functorch level and pops it (and anything left above it) on
 /// every exit path.
 class LayerGuard {
  public:
   template <class Push>
-  explicit LayerGuard(Push&& push) : depth_(compat::layer_depth()) {
+  LayerGuard(const char* api, Push&& push) : depth_(compat::layer_depth()) {
     setup_once();
     level_ = push();
+    t_transforms.push_back(api);
   }
   ~LayerGuard() {
+    t_transforms.pop_back();
     while (compat::layer_depth() > depth_) {
       try {
         compat::pop_layer();
@@ -141,6 +149,12 @@ class LayerGuard {
   size_t depth_;
   int64_t level_ = 0;
 };
+
+}  // namespace
+
+const char* innermost_transform() { return t_transforms.empty() ? nullptr : t_transforms.back(); }
+
+namespace {
 
 // Note [one forward-AD level]
 std::mutex g_dual_mutex;
@@ -212,6 +226,7 @@ Tensors wrap_for_grad(const Tensors& inputs, const std::vector<char>& diff, int6
                   ": only floating-point or complex Tensors can be differentiated, but ", name(i),
                   " has dtype ", t.scalar_type(), ". Pass it as a non-differentiated argument (argnums) "
                   "or convert it with .to(torch::kFloat).");
+      InternalRequiresGrad internal;
       w.requires_grad_(true);
       diff_wrapped.push_back(w);
     }
@@ -266,7 +281,7 @@ GradOut grad_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f
                   LeafName name) {
   AutodiffScope autodiff;
   const bool prev_grad_mode = c10::GradMode::is_enabled();
-  LayerGuard layer([&] { return compat::push_grad_layer(prev_grad_mode); });
+  LayerGuard layer(api, [&] { return compat::push_grad_layer(prev_grad_mode); });
   const int64_t lvl = layer.level();
   c10::AutoGradMode enable_grad(true);  // Note [grad and vjp interaction with no_grad]
 
@@ -310,7 +325,7 @@ VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, 
                 LeafName name) {
   AutodiffScope autodiff;
   const bool prev_grad_mode = c10::GradMode::is_enabled();
-  LayerGuard layer([&] { return compat::push_grad_layer(prev_grad_mode); });
+  LayerGuard layer(api, [&] { return compat::push_grad_layer(prev_grad_mode); });
   const int64_t lvl = layer.level();
   c10::AutoGradMode enable_grad(true);  // Note [grad and vjp interaction with no_grad]
 
@@ -363,7 +378,7 @@ JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Ten
   AutodiffScope autodiff;
   const bool prev_fwd = c10::AutogradState::get_tls_state().get_fw_grad_mode();
   ensure_jvp_decompositions();
-  LayerGuard layer([&] { return compat::push_jvp_layer(prev_fwd); });
+  LayerGuard layer(api, [&] { return compat::push_jvp_layer(prev_fwd); });
   const int64_t lvl = layer.level();
   DualLevelGuard dual;  // Note [one forward-AD level]
   FwGradModeGuard fw(true);
@@ -430,7 +445,7 @@ LinearizeOut linearize_flat(const Tensors& primals, FlatFn f, LeafName name) {
   const char* api = "linearize(f, *primals)";
   AutodiffScope autodiff;
   const bool prev_grad_mode = c10::GradMode::is_enabled();
-  LayerGuard layer([&] { return compat::push_grad_layer(prev_grad_mode); });
+  LayerGuard layer(api, [&] { return compat::push_grad_layer(prev_grad_mode); });
   const int64_t lvl = layer.level();
   c10::AutoGradMode enable_grad(true);
 
@@ -446,6 +461,7 @@ LinearizeOut linearize_flat(const Tensors& primals, FlatFn f, LeafName name) {
   for (const auto& o : outs) {
     TORCH_CHECK(is_differentiable_dtype(o), "torchfunc::", api,
                 ": All outputs of f must be floating-point or complex Tensors, got dtype ", o.scalar_type(), ".");
+    InternalRequiresGrad internal;
     state->u.push_back(at::zeros_like(o).requires_grad_(true));
   }
   for (const auto& p : primals) {
@@ -549,7 +565,7 @@ std::string vmap_prefix(const VmapConfig& cfg) {
 /// batch dims moved to the normalised out_dims (written to `out_dims`).
 Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch, const VmapConfig& cfg,
                   FlatFn f, std::vector<OptDim>& out_dims) {
-  LayerGuard layer([&] { return compat::push_vmap_layer(batch, to_functorch(cfg.randomness)); });
+  LayerGuard layer(cfg.api, [&] { return compat::push_vmap_layer(batch, to_functorch(cfg.randomness)); });
   const int64_t lvl = layer.level();
   Tensors batched;
   batched.reserve(inputs.size());

@@ -12,6 +12,7 @@
 #include <torchfunc/functional_call.h>
 
 #include "reparametrize.h"
+#include "variable_hooks.h"
 
 #include <torch/nn.h>
 
@@ -402,7 +403,10 @@ std::pair<TensorDict, TensorDict> stack_module_state(const std::vector<std::shar
         ts.push_back(t.detach());
       }
       at::Tensor s = at::stack(ts);
-      if (!buffers && all_require_grad) s.requires_grad_(true);
+      if (!buffers && all_require_grad) {
+        detail::InternalRequiresGrad internal;  // stack_module_state may run inside a transform
+        s.requires_grad_(true);
+      }
       out.insert(item.key(), s);
     }
     return out;

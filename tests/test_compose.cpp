@@ -204,6 +204,73 @@ TEST_F(TF, EscapedTensors) {
   expect_close(func::vmap([&](const Tensor& r) { return r + leaked; })(rows), rows + 2 * x, 1e-12);
 }
 
+// Issue 13 item 6: requires_grad_() / retain_grad() inside a transformed
+// function cannot mean what the user wants (the transform decides what is
+// differentiated); torch.func raises, and so do we, naming the transform.
+TEST_F(TF, RequiresGradInsideTransformsRaises) {
+  Tensor x = torch::randn({3}, torch::kDouble);
+  Tensor xs = torch::randn({4, 3}, torch::kDouble);
+  auto flag = [](const Tensor& t) {
+    Tensor c = t.detach().clone();
+    c.requires_grad_();
+    return (c * t).sum();
+  };
+  auto helper = [&](const Tensor& t) { return flag(t); };  // inside a helper called there
+  EXPECT_ERROR(func::vmap(flag)(xs), "torchfunc::vmap: Tensor.requires_grad_() was called inside");
+  EXPECT_ERROR(func::grad(flag)(x), "requires_grad_() was called inside the function being transformed");
+  EXPECT_ERROR(func::grad(helper)(x), "requires_grad_()");
+  EXPECT_ERROR(func::vmap(func::grad(flag))(xs), "requires_grad_()");
+  EXPECT_ERROR(func::grad([&](const Tensor& t) { return func::grad(flag)(t).sum(); })(x), "requires_grad_()");
+  EXPECT_ERROR(func::jacrev(flag)(x), "requires_grad_()");
+  EXPECT_ERROR(func::jacfwd(flag)(x), "requires_grad_()");
+  EXPECT_ERROR(func::hessian(flag)(x), "requires_grad_()");
+  EXPECT_ERROR(func::jvp(flag, std::tuple{x}, std::tuple{x}), "requires_grad_()");
+  EXPECT_ERROR(func::vjp(flag, x), "requires_grad_()");
+  // requires_grad_(false) and a fresh tensor are rejected too (as in torch.func).
+  EXPECT_ERROR(func::grad([](const Tensor& t) {
+    torch::zeros({3}, torch::kDouble).requires_grad_(false);
+    return t.sum();
+  })(x), "requires_grad_()");
+  EXPECT_ERROR(func::grad([](const Tensor& t) {
+    Tensor u = t * 2;
+    u.retain_grad();
+    return u.sum();
+  })(x), "Tensor.retain_grad() was called inside");
+  EXPECT_ERROR(func::vmap([](const Tensor& t) {
+    Tensor u = t * 2;
+    u.retain_grad();
+    return u;
+  })(xs), "torchfunc::vmap: Tensor.retain_grad()");
+
+  // Nothing is left behind: the error did not change the tensor, and the
+  // thread's transforms and plain autograd still work.
+  Tensor leaf = torch::randn({3}, torch::kDouble);
+  EXPECT_ERROR(func::grad([&](const Tensor& t) {
+    leaf.requires_grad_();
+    return t.sum();
+  })(x), "requires_grad_()");
+  EXPECT_FALSE(leaf.requires_grad());
+  leaf.requires_grad_();
+  Tensor y = (leaf * leaf).sum();
+  Tensor u = leaf * 3;
+  u.retain_grad();
+  (y + u.sum()).backward();
+  expect_close(leaf.grad(), 2 * leaf.detach() + 3, 1e-12);
+  expect_close(u.grad(), torch::ones_like(u), 0);
+  expect_close(func::grad([](const Tensor& t) { return t.sin().sum(); })(x), x.cos(), 1e-12);
+  expect_close(func::vmap(func::grad([](const Tensor& t) { return (t * t).sum(); }))(xs), 2 * xs, 1e-12);
+  // torchfunc's own uses (grad flagging its inputs, linearize, stack_module_state
+  // inside a transform) still pass.
+  auto [out, jvp_fn] = func::linearize([](const Tensor& t) { return t.exp(); }, x);
+  expect_close(jvp_fn(torch::ones_like(x)), x.exp(), 1e-12);
+  torch::nn::Linear a(3, 2), b(3, 2);
+  Tensor total = func::grad([&](const Tensor& t) {
+    auto [params, buffers] = func::stack_module_state(std::vector<torch::nn::Linear>{a, b});
+    return (params["weight"].sum() * t).sum();
+  })(x);
+  expect_close(total, torch::full({3}, (a->weight.sum() + b->weight.sum()).item<double>(), torch::kDouble), 1e-5);
+}
+
 TEST_F(TF, ConcurrentThreads) {
   // 8 threads run vmap(grad), jvp, grad(grad), jacrev, hessian and vjp at
   // once and must get the single-thread results. On libtorch 2.x level
