@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
   torch::optim::Adam opt(net->parameters(), torch::optim::AdamOptions(meta_lr));
 
   // Mean squared error. (libtorch 1.13 has no batching rule for
-  // mse_loss_backward; torchfunc registers one, see src/batch_rules.cpp.)
+  // mse_loss_backward; torchfunc registers one, see src/batch_rules/losses.cpp.)
   auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) {
     return torch::mse_loss(func::functional_call(net, p, x), y);
   };

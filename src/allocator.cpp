@@ -1,3 +1,6 @@
+// src/allocator.cpp: the optional caching CPU allocator (use_caching_cpu_allocator,
+// TORCHFUNC_CACHING_ALLOCATOR): large blocks are kept for reuse instead of
+// going back to the OS on every free. Not here: anything transform-specific.
 #include <torchfunc/allocator.h>
 
 #include <cstdlib>

@@ -83,7 +83,7 @@ inline int64_t push_jvp_layer(bool prev_fwd_grad_mode) {
 // keyed by level id, and level ids restart at 1 in every thread: two threads
 // inside transforms at once collide (an internal assert). 2.x keeps that flag
 // on the thread's own layer. So on 1.13 we run transforms of different threads
-// one at a time (see LayerGuard in core.cpp); on 2.x they run concurrently.
+// one at a time (see LayerGuard in levels.cpp); on 2.x they run concurrently.
 #if TORCH_VERSION_MAJOR >= 2
 constexpr bool kSerializeThreads = false;
 #else

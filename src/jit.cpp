@@ -1,3 +1,6 @@
+// src/jit.cpp: functional_call for TorchScript modules (torch::jit::Module):
+// their attributes are swapped for the given tensors for one call. Not here:
+// torch::nn modules (modules.cpp); the shared checks (reparametrize.h).
 #include <torchfunc/jit.h>
 
 #include "reparametrize.h"

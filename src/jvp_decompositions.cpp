@@ -1,6 +1,6 @@
-// src/jvp_decompositions.cpp: forward-mode derivatives that libtorch (1.13,
-// and still 2.13 for most of them; see kDecompositions) delegates to
-// TorchScript decompositions.
+// src/jvp_decompositions.cpp: forward-mode derivatives that libtorch (1.13
+// and 2.13) delegates to TorchScript decompositions, and their registration.
+// Not here: the ones only 1.13 needs (jvp_decompositions_1_13.cpp).
 //
 // For a few backward ops libtorch has no forward-mode formula; its
 // autograd kernel instead runs a TorchScript decomposition of the op under
@@ -27,7 +27,7 @@
 #include <mutex>
 
 #include "compat.h"
-
+#include "jvp_decompositions.h"
 
 namespace torchfunc {
 namespace detail {
@@ -62,16 +62,6 @@ def nll_loss_backward(grad_output: Tensor, self: Tensor, target: Tensor, weight:
         shape[channel_dim] = weight.size(0)
         grad_input = grad_input * weight.reshape(shape)
     return grad_input * grad_output
-
-def log_sigmoid_forward(self: Tensor) -> Tuple[Tensor, Tensor]:
-    z = torch.exp(-torch.abs(self))
-    out = torch.minimum(torch.zeros_like(self), self) - torch.log1p(z)
-    if self.is_cuda:
-        return out, self.new_zeros([0])
-    return out, z
-
-def log_sigmoid_backward(grad_output: Tensor, self: Tensor, buffer: Tensor) -> Tensor:
-    return grad_output * torch.sigmoid(-self)
 
 def native_layer_norm_backward(grad_out: Tensor, input: Tensor, normalized_shape: List[int], mean: Tensor,
                                rstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -172,53 +162,25 @@ def cudnn_batch_norm_backward(input: Tensor, grad_output: Tensor, weight: Tensor
     # cuDNN's backward is used in training mode only, for all three outputs.
     return native_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean, save_var,
                                       True, epsilon, [True, True, True])
-
-def logcumsumexp(self: Tensor, dim: int) -> Tensor:
-    # out[i] = logsumexp(x[j] for j <= i): a masked [L, L] logsumexp (stable,
-    # and every op in it has a forward-mode formula).
-    if self.dim() == 0:
-        return self.clone()
-    x = self.movedim(dim, -1)
-    n = x.size(-1)
-    lower = torch.ones([n, n], device=self.device).tril() > 0
-    minus_inf = torch.full([1], float('-inf'), dtype=x.dtype, device=x.device)
-    out = torch.logsumexp(torch.where(lower, x.unsqueeze(-2), minus_inf), dim=-1)
-    return out.movedim(-1, dim)
-
-def trace(self: Tensor) -> Tensor:
-    return torch.sum(torch.diag(self))
 )JIT";
 
-struct Decomposition {
-  const char* op;
-  const char* overload;
-  const char* function;
-  const char* helper;  // another function of kSource that `function` calls, or ""
-  bool needed;         // false where this libtorch has a forward-mode formula of its own
-};
-// Checked against libtorch 2.13 (C++, no Python): log_sigmoid_forward /
-// log_sigmoid_backward, trace and logcumsumexp have forward-mode formulas
-// there; the others still fail without a decomposition.
-constexpr bool k113 = compat::kLibtorch113;
-constexpr Decomposition kDecompositions[] = {
-    {"aten::_log_softmax_backward_data", "", "log_softmax_backward", "", true},
-    {"aten::_softmax_backward_data", "", "softmax_backward", "", true},
-    {"aten::nll_loss_backward", "", "nll_loss_backward", "", true},
-    {"aten::nll_loss2d_backward", "", "nll_loss_backward", "", true},
-    {"aten::log_sigmoid_forward", "", "log_sigmoid_forward", "", k113},
-    {"aten::log_sigmoid_backward", "", "log_sigmoid_backward", "", k113},
-    {"aten::trace", "", "trace", "", k113},
-    {"aten::logcumsumexp", "", "logcumsumexp", "", k113},
-    {"aten::native_layer_norm_backward", "", "native_layer_norm_backward", "", true},
-    {"aten::native_batch_norm_backward", "", "native_batch_norm_backward", "", true},
+// Checked against libtorch 2.13 (C++, no Python): these still fail there
+// without a decomposition. (1.13 also needs jvp_decompositions_1_13().)
+const JvpDecomposition kDecompositions[] = {
+    {"aten::_log_softmax_backward_data", "", "log_softmax_backward", "", kSource},
+    {"aten::_softmax_backward_data", "", "softmax_backward", "", kSource},
+    {"aten::nll_loss_backward", "", "nll_loss_backward", "", kSource},
+    {"aten::nll_loss2d_backward", "", "nll_loss_backward", "", kSource},
+    {"aten::native_layer_norm_backward", "", "native_layer_norm_backward", "", kSource},
+    {"aten::native_batch_norm_backward", "", "native_batch_norm_backward", "", kSource},
     // BatchNorm's paths on 2.x (batch_norm_backward) and on CUDA with cuDNN.
-    {"aten::batch_norm_backward", "", "batch_norm_backward", "native_batch_norm_backward", true},
-    {"aten::cudnn_batch_norm_backward", "", "cudnn_batch_norm_backward", "native_batch_norm_backward", true},
+    {"aten::batch_norm_backward", "", "batch_norm_backward", "native_batch_norm_backward", kSource},
+    {"aten::cudnn_batch_norm_backward", "", "cudnn_batch_norm_backward", "native_batch_norm_backward", kSource},
 };
 
-// The source of one top-level function of kSource.
-std::string function_source(const std::string& name) {
-  const std::string all(kSource), head = "\ndef " + name + "(";
+// The source of one top-level function of a TorchScript source text.
+std::string function_source(const char* source, const std::string& name) {
+  const std::string all(source), head = "\ndef " + name + "(";
   const size_t begin = all.find(head);
   TORCH_INTERNAL_ASSERT(begin != std::string::npos, "torchfunc: no TorchScript function ", name);
   const size_t end = all.find("\ndef ", begin + 1);
@@ -226,17 +188,20 @@ std::string function_source(const std::string& name) {
 }
 
 std::vector<std::string> register_all() {
+  std::vector<JvpDecomposition> all(std::begin(kDecompositions), std::end(kDecompositions));
+#if TORCHFUNC_LIBTORCH_1_13
+  for (const JvpDecomposition& d : jvp_decompositions_1_13()) all.push_back(d);
+#endif
   std::vector<std::string> names;
-  for (const Decomposition& d : kDecompositions) {
-    if (!d.needed) continue;
+  for (const JvpDecomposition& d : all) {
     auto op = c10::Dispatcher::singleton().findSchema({d.op, d.overload});
     if (!op) continue;
     // The registry is keyed by the dispatcher's own schema object.
     const c10::FunctionSchema& schema = op->schema();
     try {
       if (torch::jit::has_jit_decomposition(schema)) continue;  // registered already (by Python, say)
-      std::string source = function_source(d.function);
-      if (*d.helper) source = function_source(d.helper) + source;
+      std::string source = function_source(d.source, d.function);
+      if (*d.helper) source = function_source(d.source, d.helper) + source;
       auto cu = torch::jit::compile(source);
       auto graph = torch::jit::toGraphFunction(cu->get_function(d.function)).graph()->copy();
       torch::jit::RegisterDecomposition(schema, graph);

@@ -23,7 +23,7 @@ class InternalRequiresGrad {
 };
 
 /// The api string of this thread's innermost transform, or nullptr outside
-/// transforms (core.cpp keeps it).
+/// transforms (levels.cpp keeps it).
 const char* innermost_transform();
 
 }  // namespace detail

@@ -277,7 +277,7 @@ TEST_F(TF, PerSampleGradientsOfCnnAndLstm) {
   check_per_sample(cnn, torch::randn({6, 1, 14, 14}), torch::randint(0, 10, {6}), nll);
 
   // nn::LSTM / nn::GRU run under vmap on 1.13 through our own batching rule
-  // for aten::unsafe_split (src/batch_rules.cpp).
+  // for aten::unsafe_split (src/batch_rules/indexing.cpp).
   struct Seq : nn::Module {
     Seq() {
       lstm = register_module("rnn", nn::RNN(nn::RNNOptions(3, 5).batch_first(true)));
@@ -328,8 +328,8 @@ TEST_F(TF, PerSampleGradientsOfCnnAndLstm) {
 
 TEST_F(TF, PerSampleGradientsOfTransformerAttentionAndUpsample) {
   // nn::MultiheadAttention branches on torch::equal(query, key), which has no
-  // batching rule in libtorch (our rule: src/batch_rules.cpp); the upsample
-  // backward ops have none in 1.13 (ours fold the batch into N).
+  // batching rule in libtorch (our rule: src/batch_rules/reductions.cpp); the
+  // upsample backward ops have none in 1.13 (ours fold the batch into N).
   torch::set_default_dtype(caffe2::TypeMeta::Make<double>());
   auto nll = [](const Tensor& out, const Tensor& y) { return torch::nll_loss(torch::log_softmax(out, 1), y); };
   struct Encoder : nn::Module {  // self-attention: query, key and value are the same tensor

@@ -1,10 +1,11 @@
 // torchfunc/detail/core.h: the compiled core every transform funnels into.
 //
 // Header templates deduce types and flatten arguments into a flat list of
-// Tensor leaves; these non-template functions (src/core.cpp) push the
-// functorch level, wrap the leaves, call back into the template through a
-// c10::function_ref, unwrap the results and pop the level. Nothing here is
-// public API.
+// Tensor leaves; these non-template functions (src/grad_vjp.cpp,
+// jvp_linearize.cpp, vmap.cpp, jacobians.cpp, on the guards of src/levels.h)
+// push the functorch level, wrap the leaves, call back into the template
+// through a c10::function_ref, unwrap the results and pop the level. Nothing
+// here is public API.
 #pragma once
 
 #include <ATen/Tensor.h>
@@ -107,7 +108,7 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
 size_t layer_depth();
 
 /// The batching rules torchfunc registered because this libtorch has none
-/// (src/batch_rules.cpp), e.g. "aten::mse_loss_backward". Registers them on
+/// (src/batch_rules/), e.g. "aten::mse_loss_backward". Registers them on
 /// first use; the first transform does so too.
 const std::vector<std::string>& own_batch_rules();
 /// Ops whose forward-mode derivative torchfunc supplies (a TorchScript

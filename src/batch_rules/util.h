@@ -1,10 +1,12 @@
-// src/batch_rule_util.h: what torchfunc's batching rules share (the
-// batch_rules*.cpp files): the current vmap level, the [B, ...] physical
-// layout, the pointwise-loss rule templates, and BatchRuleRegistrar, the one
-// place that decides whether a rule of ours registers.
+// src/batch_rules/util.h: what torchfunc's batching rules share (the files
+// of src/batch_rules/, one per op family): the current vmap level, the
+// [B, ...] physical layout, the pointwise-loss rule templates, and
+// BatchRuleRegistrar, the one place that decides whether a rule of ours
+// registers. Each family file defines one register_*_rules function below;
+// registry.cpp calls them all once.
 #pragma once
 
-#include "compat.h"
+#include "../compat.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/Reduction.h>
@@ -159,7 +161,13 @@ class BatchRuleRegistrar {
   std::vector<std::string>& names_;
 };
 
-/// Rules for libtorch 1.13 only (src/batch_rules_1_13.cpp; not built for 2.x).
+// One per op family (the file of the same name).
+void register_loss_rules(BatchRuleRegistrar& r);        // losses.cpp
+void register_activation_rules(BatchRuleRegistrar& r);  // activations.cpp
+void register_reduction_rules(BatchRuleRegistrar& r);   // reductions.cpp
+void register_indexing_rules(BatchRuleRegistrar& r);    // indexing.cpp
+void register_pooling_rules(BatchRuleRegistrar& r);     // pooling.cpp
+/// Rules for libtorch 1.13 only (prelu_1_13.cpp; not built for 2.x).
 void register_libtorch_1_13_rules(BatchRuleRegistrar& r);
 
 }  // namespace batch_rules

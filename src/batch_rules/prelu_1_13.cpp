@@ -1,10 +1,10 @@
-// src/batch_rules_1_13.cpp: batching rules only libtorch 1.13 needs (built
-// only against libtorch < 2; dropping 1.13 deletes this file).
+// src/batch_rules/prelu_1_13.cpp: batching rules only libtorch 1.13 needs
+// (built only against libtorch < 2; dropping 1.13 deletes this file).
 //
 // aten::prelu / prelu_backward: 1.13's own rules fail for nn::PReLU's default
 // one-element weight and for 1-D inputs (an error or an internal assert, even
 // under a plain vmap). 2.x batches _prelu_kernel(_backward) itself.
-#include "batch_rule_util.h"
+#include "util.h"
 
 #include <ATen/Functions.h>
 

@@ -1,0 +1,213 @@
+// src/vmap.cpp: the flat core of vmap: in_dims checks, one vmap level per call
+// (or per chunk), out_dims, randomness "same" across chunks, and Dims
+// printing for messages. Not here: batching rules (batch_rules/).
+#include "levels.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+
+namespace torchfunc {
+namespace detail {
+
+// ---- vmap ----------------------------------------------------------------------
+
+void dims_fail(const DimsCtx& ctx, const std::string& problem) {
+  fail(std::string(ctx.api) + "(f, " + ctx.what + "=" + ctx.whole->str() + ", ...)(<inputs>): " + problem);
+}
+
+namespace {
+
+ft::RandomnessType to_functorch(Randomness r) {
+  switch (r) {
+    case Randomness::Same:
+      return ft::RandomnessType::Same;
+    case Randomness::Different:
+      return ft::RandomnessType::Different;
+    case Randomness::Error:
+    default:
+      return ft::RandomnessType::Error;
+  }
+}
+
+/// The default generators' states (CPU, and every CUDA device's), restored
+/// before each chunk of a chunked vmap with randomness Same: "same" means
+/// every sample of the whole batch sees the same random values, so every
+/// chunk must draw what the first one drew (torch.func does this too).
+class RngSnapshot {
+ public:
+  RngSnapshot() {
+    gens_.push_back(at::detail::getDefaultCPUGenerator());
+    if (at::globalContext().hasCUDA()) {
+      const auto n = static_cast<c10::DeviceIndex>(at::detail::getCUDAHooks().getNumGPUs());
+      for (c10::DeviceIndex d = 0; d < n; ++d) gens_.push_back(at::globalContext().defaultGenerator(c10::Device(at::kCUDA, d)));
+    }
+    for (auto& g : gens_) {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      states_.push_back(g.get_state());
+    }
+  }
+  void restore() const {
+    for (size_t i = 0; i < gens_.size(); ++i) {
+      at::Generator g = gens_[i];
+      std::lock_guard<std::mutex> lock(g.mutex());
+      g.set_state(states_[i]);
+    }
+  }
+
+ private:
+  std::vector<at::Generator> gens_;
+  std::vector<at::Tensor> states_;
+};
+
+std::string vmap_prefix(const VmapConfig& cfg) {
+  if (cfg.describe) return cfg.describe(cfg.describe_arg);
+  return std::string(cfg.api) + "(f, ...)";
+}
+
+/// One vmap level over already-sized inputs. Returns the outputs with their
+/// batch dims moved to the normalised out_dims (written to `out_dims`).
+Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch, const VmapConfig& cfg,
+                  FlatFn f, std::vector<OptDim>& out_dims) {
+  LayerGuard layer(cfg.api, [&] { return compat::push_vmap_layer(batch, to_functorch(cfg.randomness)); });
+  const int64_t lvl = layer.level();
+  Tensors batched;
+  batched.reserve(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i)
+    batched.push_back(dims[i] ? ft::addBatchDim(inputs[i], *dims[i], lvl) : inputs[i]);
+  FlatResult res;
+  f(batched, res);
+  TORCH_INTERNAL_ASSERT(res.out_dims.size() == res.leaves.size());
+  Tensors outs;
+  outs.reserve(res.leaves.size());
+  out_dims.assign(res.leaves.size(), c10::nullopt);
+  for (size_t k = 0; k < res.leaves.size(); ++k) {
+    const at::Tensor& t = res.leaves[k];
+    TORCH_CHECK(t.defined(), "torchfunc::", vmap_prefix(cfg), "(<inputs>): output ", k,
+                " of f is an undefined Tensor.");
+    auto* b = compat::batched_at(t, lvl);
+    const OptDim od = res.out_dims[k];
+    if (!od) {
+      TORCH_CHECK(!b, "torchfunc::", vmap_prefix(cfg), "(<inputs>): output ", k,
+                  " of f has out_dim=none, but it depends on the mapped inputs (it is batched). "
+                  "Use an integer out_dim for it.");
+      outs.push_back(t);
+      continue;
+    }
+    const int64_t rank = t.dim() + 1;  // logical rank plus the batch dim
+    int64_t d = *od;
+    TORCH_CHECK(d >= -rank && d < rank, "torchfunc::", vmap_prefix(cfg), "(<inputs>): out_dim=", d,
+                " for output ", k, " is out of range: the output has ", t.dim(),
+                " dims per sample, so out_dim must satisfy ", -rank, " <= out_dim < ", rank, ".");
+    if (d < 0) d += rank;
+    out_dims[k] = d;
+    if (b) {
+      // (The value itself when no move is needed: an in-place op on an input
+      // returns that input, as in torch.func.)
+      outs.push_back(b->bdim() == d ? b->value() : b->value().movedim(b->bdim(), d));
+    } else {
+      // Not batched at this level: every sample gets the same value.
+      std::vector<int64_t> sizes = t.sizes().vec();
+      sizes.insert(sizes.begin() + d, batch);
+      outs.push_back(t.unsqueeze(d).expand(sizes));
+    }
+  }
+  return outs;
+}
+
+}  // namespace
+
+Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, const VmapConfig& cfg, FlatFn f,
+                  LeafName name) {
+  TORCH_INTERNAL_ASSERT(in_dims.size() == inputs.size());
+  std::vector<OptDim> dims(inputs.size());
+  int64_t batch = -1;
+  bool mismatch = false;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!in_dims[i]) continue;
+    const at::Tensor& t = inputs[i];
+    TORCH_CHECK(t.defined(), "torchfunc::", vmap_prefix(cfg), "(<inputs>): ", name(i),
+                " is an undefined Tensor but its in_dim is ", *in_dims[i], ".");
+    const int64_t rank = t.dim();
+    int64_t d = *in_dims[i];
+    TORCH_CHECK(d >= -rank && d < rank, "torchfunc::", vmap_prefix(cfg), "(<inputs>): Got in_dim=", d, " for ",
+                name(i), ", but that input is a Tensor of dimensionality ", rank,
+                " so expected in_dim to satisfy -", rank, " <= in_dim < ", rank, ".");
+    if (d < 0) d += rank;
+    dims[i] = d;
+    const int64_t n = t.size(d);
+    if (batch < 0) batch = n;
+    mismatch = mismatch || n != batch;
+  }
+  TORCH_CHECK(batch >= 0, "torchfunc::", vmap_prefix(cfg),
+              "(<inputs>): Expected at least one Tensor to vmap over, but every in_dim is none "
+              "(or there are no Tensor inputs).");
+  if (mismatch) {
+    std::string sizes;
+    for (size_t i = 0; i < inputs.size(); ++i)
+      if (dims[i]) sizes += "\n  " + name(i) + " (in_dim=" + std::to_string(*dims[i]) + "): " +
+                            std::to_string(inputs[i].size(*dims[i]));
+    fail(vmap_prefix(cfg) + "(<inputs>): Expected all tensors to have the same size in the mapped "
+         "dimension, got:" + sizes);
+  }
+  std::vector<OptDim> out_dims;
+  const auto cs = cfg.chunk_size;
+  TORCH_CHECK(!cs || *cs > 0, "torchfunc::", vmap_prefix(cfg), ": chunk_size must be a positive integer, got ",
+              cs ? *cs : 0, ".");
+  if (!cs || *cs >= batch) return vmap_once(inputs, dims, batch, cfg, f, out_dims);
+
+  // Chunked: run each slice of the batch at its own level, then concatenate.
+  c10::optional<RngSnapshot> rng;
+  if (cfg.randomness == Randomness::Same) rng.emplace();
+  std::vector<Tensors> chunks;
+  for (int64_t start = 0; start < batch; start += *cs) {
+    if (rng && start > 0) rng->restore();
+    const int64_t len = std::min(*cs, batch - start);
+    Tensors part;
+    part.reserve(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i)
+      part.push_back(dims[i] ? inputs[i].narrow(*dims[i], start, len) : inputs[i]);
+    std::vector<OptDim> od;
+    chunks.push_back(vmap_once(part, dims, len, cfg, f, od));
+    TORCH_CHECK(chunks.size() == 1 || (chunks.back().size() == chunks.front().size() && od == out_dims),
+                "torchfunc::", vmap_prefix(cfg), ": f returned differently structured outputs for different "
+                "chunks of the batch.");
+    out_dims = std::move(od);
+  }
+  Tensors outs;
+  for (size_t k = 0; k < chunks.front().size(); ++k) {
+    if (!out_dims[k]) {
+      outs.push_back(chunks.front()[k]);
+      continue;
+    }
+    Tensors parts;
+    parts.reserve(chunks.size());
+    for (auto& c : chunks) parts.push_back(std::move(c[k]));
+    outs.push_back(at::cat(parts, *out_dims[k]));
+  }
+  return outs;
+}
+
+}  // namespace detail
+
+std::string Dims::str() const {
+  switch (kind_) {
+    case Kind::Int:
+      return std::to_string(value_);
+    case Kind::None:
+      return "none";
+    case Kind::Seq: {
+      std::string s = "(";
+      for (size_t i = 0; i < children_.size(); ++i) s += (i ? ", " : "") + children_[i].str();
+      return s + (children_.size() == 1 ? ",)" : ")");
+    }
+    case Kind::Dict: {
+      std::string s = "{";
+      for (size_t i = 0; i < children_.size(); ++i)
+        s += (i ? ", '" : "'") + keys_[i] + "': " + children_[i].str();
+      return s + "}";
+    }
+  }
+  return "?";
+}
+
+}  // namespace torchfunc
