@@ -12,7 +12,8 @@ args=()
 case "$flavour" in
   wheel)
     dir="${BUILD_DIR:-build}"
-    args+=("-DCMAKE_PREFIX_PATH=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')") ;;
+    args+=("-DCMAKE_PREFIX_PATH=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')")
+    args+=("-DTORCHFUNC_PYTHON=$PWD/.venv/bin/python") ;;  # its torch drives the OpInfo sweep
   debian)
     dir="${BUILD_DIR:-build-debian}" ;;
   *)

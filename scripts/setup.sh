@@ -54,5 +54,8 @@ if [ "$flavour" = wheel ]; then
     "$py" -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check "$TORCH_PIN" numpy
   fi
+  # The OpInfo sweep (tests/opinfo) imports PyTorch's test database, which needs expecttest.
+  .venv/bin/python -c 'import expecttest' 2>/dev/null ||
+    .venv/bin/pip install -q --disable-pip-version-check expecttest==0.3.0
   .venv/bin/python -c 'import torch; print("setup: torch", torch.__version__, "at", torch.utils.cmake_prefix_path)'
 fi

@@ -131,8 +131,23 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
   }
   TORCH_CHECK(!where.empty(), "torchfunc::", api,
               ": the arguments selected by argnums contain no Tensors to differentiate.");
-  TORCH_CHECK(total > 0, "torchfunc::", api,
-              ": the Tensors to differentiate have no elements; the Jacobian would be empty.");
+  if (total == 0) {
+    // No columns: evaluate f once for the output shapes; every Jacobian is
+    // empty (out.shape + in.shape with a zero), as in torch.func.
+    Tensors tangents(inputs.size());
+    for (size_t q = 0; q < where.size(); ++q) tangents[where[q]] = at::zeros_like(inputs[where[q]]);
+    JvpOut o = jvp_flat(inputs, diff, tangents, f, api, name);
+    JacOut j;
+    j.jac.assign(o.outputs.size(), Tensors(inputs.size()));
+    for (size_t k = 0; k < o.outputs.size(); ++k) {
+      check_real_for_jacobian(o.outputs[k], api, "outputs", "output " + std::to_string(k));
+      for (size_t q = 0; q < where.size(); ++q)
+        j.jac[k][where[q]] = at::zeros(concat_shapes(o.outputs[k].sizes(), inputs[where[q]].sizes()),
+                                       o.outputs[k].options());
+    }
+    j.aux = std::move(o.aux);
+    return j;
+  }
   Tensors basis = standard_basis(diff_inputs, numels, total);
   std::vector<OptDim> in0(basis.size(), int64_t{0});
   size_t num_out = 0;

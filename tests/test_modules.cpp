@@ -534,7 +534,7 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
       // replaced on every version
       "aten::hardsigmoid", "aten::mse_loss", "aten::smooth_l1_loss", "aten::huber_loss", "aten::rrelu_with_noise",
       "aten::nll_loss_forward", "aten::nll_loss_backward", "aten::nll_loss2d_forward", "aten::nll_loss2d_backward",
-      "aten::cross_entropy_loss"};
+      "aten::cross_entropy_loss", "aten::index_fill.int_Tensor"};
 #if TORCH_VERSION_MAJOR < 2
   // libtorch 1.13 lacks these too; prelu's rules are replaced there.
   for (const char* op : {"aten::unsafe_split.Tensor", "aten::upsample_nearest1d_backward",
@@ -549,6 +549,43 @@ TEST_F(TF, LossBatchRulesMatchLoop) {
   std::sort(own.begin(), own.end());
   std::sort(expected.begin(), expected.end());
   EXPECT_EQ(own, expected);
+}
+
+// 0-dim samples (one class, as ATen accepts them) under vmap; found by the
+// OpInfo sweep (our rule raised where torch.func computes).
+// index_fill with a batched fill value: libtorch's rule (and torch.func 2.13)
+// gave every sample the last sample's value; found by the OpInfo sweep.
+TEST_F(TF, IndexFillWithBatchedValueMatchesLoop) {
+  Tensor x = torch::randn({3, 4}, torch::kDouble), idx = torch::tensor({0, 2});
+  Tensor vals = torch::randn({5}, torch::kDouble), xs = torch::randn({5, 3, 4}, torch::kDouble);
+  Tensor idxs = torch::tensor({{0, 1}, {2, 3}, {1, 1}, {3, 0}, {0, 0}});
+  Tensor only_value = func::vmap([&](const Tensor& v) { return x.index_fill(1, idx, v); })(vals);
+  Tensor all = func::vmap([](const Tensor& t, const Tensor& i, const Tensor& v) { return t.index_fill(0, i, v); })(
+      xs, idxs.remainder(3), vals);
+  Tensor scalar = func::vmap([&](const Tensor& v) { return torch::zeros({}, torch::kDouble).index_fill(0, torch::tensor({0}), v); })(vals);
+  for (int64_t b = 0; b < 5; ++b) {
+    expect_close(only_value[b], x.index_fill(1, idx, vals[b]), 0);
+    expect_close(all[b], xs[b].index_fill(0, idxs[b].remainder(3), vals[b]), 0);
+    expect_close(scalar[b], vals[b], 0);
+  }
+}
+
+TEST_F(TF, MarginLossRulesOnZeroDimSamples) {
+  Tensor xs = torch::randn({4}, torch::kDouble), cls = torch::zeros({4}, torch::kLong);
+  auto multi = [](const Tensor& x, const Tensor& y) { return at::multi_margin_loss(x, y, 1, 0.7, c10::nullopt, 1); };
+  auto label = [](const Tensor& x, const Tensor& y) { return at::multilabel_margin_loss(x, y, 1); };
+  for (const auto& loss : {std::function<Tensor(const Tensor&, const Tensor&)>(multi),
+                           std::function<Tensor(const Tensor&, const Tensor&)>(label)}) {
+    Tensor got = func::vmap(loss)(xs, cls);
+    Tensor grads = func::vmap(func::grad(loss))(xs, cls);
+    for (int64_t b = 0; b < 4; ++b) {
+      Tensor x = xs[b].detach().requires_grad_(true);
+      Tensor l = loss(x, cls[b]);
+      expect_close(got[b], l, 1e-12);
+      Tensor g = l.requires_grad() ? torch::autograd::grad({l}, {x}, {}, false, false, true)[0] : Tensor();
+      expect_close(grads[b], g.defined() ? g : torch::zeros({}, torch::kDouble), 1e-12);
+    }
+  }
 }
 
 TEST_F(TF, MarginLossRulesMatchLoop) {

@@ -189,6 +189,23 @@ TEST_F(TF, JacobianOfSeveralOutputsAndAux) {
   expect_close(jd.at("b"), p.at("a"), 1e-12);
 }
 
+// Inputs with no elements give empty Jacobians (out.shape + in.shape), as in
+// torch.func (found by the OpInfo sweep: jacfwd raised).
+TEST_F(TF, JacobiansOfEmptyInputsAreEmpty) {
+  Tensor e = torch::empty({0, 3}, torch::kDouble);
+  auto f = [](const Tensor& t) { return t.sin(); };
+  for (const Tensor& j : {func::jacfwd(f)(e), func::jacrev(f)(e)})
+    EXPECT_EQ(j.sizes(), (std::vector<int64_t>{0, 3, 0, 3}));
+  // A non-empty output of an empty input, with aux: shapes [2, 0], aux as f gives it.
+  auto g = [](const Tensor& t) { return std::make_pair(t.sum() * torch::ones({2}, t.options()), t.numel() + t.sum()); };
+  auto [jf, aux] = func::jacfwd(g, func::has_aux)(torch::empty({0}, torch::kDouble));
+  EXPECT_EQ(jf.sizes(), (std::vector<int64_t>{2, 0}));
+  EXPECT_EQ(aux.item<double>(), 0.0);
+  auto [jr, auxr] = func::jacrev(g, func::has_aux)(torch::empty({0}, torch::kDouble));
+  EXPECT_EQ(jr.sizes(), (std::vector<int64_t>{2, 0}));
+  (void)auxr;
+}
+
 TEST_F(TF, JacobiansWithInPlaceWritesIntoOtherArguments) {
   // f writes x into a non-differentiated argument in place (a buffer), then
   // returns a function of it: the Jacobian is diag(2 cos(x)) by both modes.

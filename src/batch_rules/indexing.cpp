@@ -1,7 +1,8 @@
 // src/batch_rules/indexing.cpp: unsafe_split.Tensor (missing in 1.13: it
 // returns a list, which 1.13's fallback rejects; nn::LSTM and nn::GRU reach it
-// through unsafe_chunk on their gates) and masked_scatter / masked_scatter_
-// (missing everywhere).
+// through unsafe_chunk on their gates), masked_scatter / masked_scatter_
+// (missing everywhere) and index_fill.int_Tensor (replaced: libtorch's is wrong
+// for a batched value).
 #include "util.h"
 
 #include <ATen/ExpandUtils.h>
@@ -31,6 +32,38 @@ std::vector<at::Tensor> unsafe_split_batched(const at::Tensor& self, int64_t spl
   std::vector<at::Tensor> parts = at::unsafe_split(physical, split_size, logical_dim + 1);
   for (at::Tensor& p : parts) p = ft::makeBatched(p, 0, level);
   return parts;
+}
+
+// ---- index_fill.int_Tensor -------------------------------------------------------
+// libtorch's rule (2.13, and torch.func with it) gives every sample the last
+// sample's value when `value` (a 0-dim tensor) is batched and `self` is not
+// (found by the OpInfo sweep). Replaced on every version: with an unbatched
+// index, a mask of the filled positions selects each sample's value; a batched
+// index takes a loop over the samples.
+at::Tensor index_fill_batched(const at::Tensor& self, int64_t dim, const at::Tensor& index, const at::Tensor& value) {
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::FuncTorchBatched);
+  const int64_t level = current_vmap_level("index_fill");
+  const int64_t batch = batch_size_at({&self, &index, &value}, level);
+  if (batch < 0) return at::index_fill(self, dim, index, value);
+  at::Tensor x = batch_first(self, level, batch);
+  at::Tensor v = batch_first(value, level, batch).to(x.scalar_type());  // [B]
+  const bool scalar_sample = x.dim() == 1;  // per-sample 0-dim self: fill along a dim of size 1
+  if (scalar_sample) x = x.unsqueeze(1);
+  const int64_t d = c10::maybe_wrap_dim(dim, x.dim() - 1) + 1;
+  at::Tensor out;
+  if (!compat::batched_at(index, level)) {
+    at::Tensor mask = at::index_fill(at::zeros_like(x, x.options().dtype(at::kBool)), d, index, true);
+    std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+    shape[0] = batch;
+    out = at::where(mask, v.view(shape), x);
+  } else {
+    at::Tensor idx = batch_first(index, level, batch);
+    std::vector<at::Tensor> samples;
+    for (int64_t b = 0; b < batch; ++b) samples.push_back(at::index_fill(x[b], d - 1, idx[b], v[b]));
+    out = at::stack(samples);
+  }
+  if (scalar_sample) out = out.squeeze(1);
+  return ft::makeBatched(out, 0, level);
 }
 
 // ---- masked_scatter / masked_scatter_ ----------------------------------------
@@ -97,6 +130,7 @@ at::Tensor& masked_scatter_inplace_batched(at::Tensor& self, const at::Tensor& m
 }  // namespace
 
 void register_indexing_rules(BatchRuleRegistrar& r) {
+  r.replace(BatchRuleRegistrar::batched(), "index_fill.int_Tensor", TORCH_FN(index_fill_batched));
   r.add("unsafe_split", "Tensor", TORCH_FN(unsafe_split_batched));
   r.add("masked_scatter", "", TORCH_FN(masked_scatter_batched));
   r.add("masked_scatter_", "", TORCH_FN(masked_scatter_inplace_batched));

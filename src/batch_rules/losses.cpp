@@ -32,6 +32,10 @@ namespace {
 
 // Rows of x [B, C] or [B, N, C] as [B*N, C]; N is returned through `rows`.
 at::Tensor fold_rows(const at::Tensor& x, int64_t& rows) {
+  if (x.dim() == 1) {  // a 0-dim sample: one row of one class, as ATen treats it
+    rows = 1;
+    return x.reshape({-1, 1});
+  }
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "Expected non-empty vector or matrix with optional 0-dim batch size, but got: ",
               x.sizes().slice(1));
   rows = x.dim() == 3 ? x.size(1) : 1;
@@ -111,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> multilabel_margin_loss_forward_batched(const 
   int64_t rows = 0;
   at::Tensor x = fold_rows(batch_first(self, level, batch), rows);
   at::Tensor t_phys = batch_first(target, level, batch);
-  TORCH_CHECK(t_phys.numel() == x.numel() && t_phys.size(-1) == x.size(-1),
+  TORCH_CHECK(t_phys.numel() == x.numel() && (t_phys.dim() == 1 || t_phys.size(-1) == x.size(-1)),
               "multilabel_margin_loss: inconsistent target size: ", t_phys.sizes().slice(1), " for input of size: ",
               self.sizes());
   auto [loss, is_target] = at::multilabel_margin_loss_forward(x, t_phys.reshape(x.sizes()), at::Reduction::None);
