@@ -5,7 +5,12 @@
 #include <torch/torch.h>
 #include <torchfunc/torchfunc.h>
 
+#include <ATen/functorch/DynamicLayer.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/InferenceMode.h>
+
 #include <functional>
+#include <sstream>
 #include <string>
 
 namespace func = torchfunc;
@@ -21,9 +26,46 @@ class TF : public ::testing::Test {
   void TearDown() override { EXPECT_EQ(func::detail::layer_depth(), 0u) << "a transform leaked a level"; }
 };
 
-/// Expects `stmt` to throw c10::Error whose message contains `substr`.
+/// Everything a transform changes in this thread while it runs and must put
+/// back when it ends, also by an exception: functorch's level stack and its
+/// in-place requires_grad flag, the grad / inference / forward-grad modes and
+/// the thread's included / excluded dispatch keys.
+struct ThreadState {
+  size_t functorch_layers;
+  bool inplace_requires_grad_allowed, grad_mode, inference_mode, fw_grad_mode;
+  uint64_t included_keys, excluded_keys;
+
+  static ThreadState now() {
+    const auto keys = c10::impl::tls_local_dispatch_key_set();
+    return {at::functorch::getDynamicLayerStack().size(),
+            at::functorch::getInplaceRequiresGradAllowed(),
+            c10::GradMode::is_enabled(),
+            c10::InferenceMode::is_enabled(),
+            c10::AutogradState::get_tls_state().get_fw_grad_mode(),
+            keys.included_.raw_repr(),
+            keys.excluded_.raw_repr()};
+  }
+  bool operator==(const ThreadState& o) const {
+    return functorch_layers == o.functorch_layers && inplace_requires_grad_allowed == o.inplace_requires_grad_allowed &&
+           grad_mode == o.grad_mode && inference_mode == o.inference_mode && fw_grad_mode == o.fw_grad_mode &&
+           included_keys == o.included_keys && excluded_keys == o.excluded_keys;
+  }
+  bool operator!=(const ThreadState& o) const { return !(*this == o); }
+  std::string str() const {
+    std::ostringstream s;
+    s << "{functorch layers " << functorch_layers << ", inplace requires_grad allowed " << inplace_requires_grad_allowed
+      << ", grad mode " << grad_mode << ", inference mode " << inference_mode << ", forward grad mode "
+      << fw_grad_mode << ", included keys " << c10::DispatchKeySet(c10::DispatchKeySet::RAW, included_keys)
+      << ", excluded keys " << c10::DispatchKeySet(c10::DispatchKeySet::RAW, excluded_keys) << "}";
+    return s.str();
+  }
+};
+
+/// Expects `stmt` to throw c10::Error whose message contains `substr`, and
+/// the thread's transform state to be as it was.
 #define EXPECT_ERROR(stmt, substr)                                                    \
   do {                                                                                \
+    const ThreadState state_before_ = ThreadState::now();                             \
     bool thrown_ = false;                                                             \
     try {                                                                             \
       (void)(stmt);                                                                   \
@@ -34,6 +76,9 @@ class TF : public ::testing::Test {
     }                                                                                 \
     EXPECT_TRUE(thrown_) << "expected a c10::Error containing: " << (substr);         \
     EXPECT_EQ(func::detail::layer_depth(), 0u);                                       \
+    const ThreadState state_after_ = ThreadState::now();                              \
+    EXPECT_TRUE(state_after_ == state_before_)                                        \
+        << "before: " << state_before_.str() << "\nafter:  " << state_after_.str();   \
   } while (0)
 
 /// While alive, records the ops that vmap ran through libtorch's per-sample
