@@ -64,6 +64,24 @@ std::string vmap_prefix(const VmapConfig& cfg) {
   return std::string(cfg.api) + "(f, ...)";
 }
 
+/// Two of libtorch's vmap errors do not say what to do in torchfunc's terms:
+/// the innermost torchfunc transform adds a line that does (once).
+void add_hint(c10::Error& e, const VmapConfig& cfg) {
+  for (const auto& c : e.context())
+    if (c.rfind("torchfunc::", 0) == 0) return;
+  const std::string msg = e.msg();
+  const std::string api = cfg.describe ? vmap_prefix(cfg) : std::string(cfg.api);
+  if (msg.find("called random operation while in randomness error mode") != std::string::npos) {
+    const bool fwd = api.rfind("jacfwd", 0) == 0 || api.rfind("hessian", 0) == 0;
+    e.add_context("torchfunc::" + api + ": f drew random numbers under randomness 'error' (the default); pass " +
+                  (fwd ? "JacfwdOptions()" : "VmapOptions()") +
+                  ".randomness(Randomness::Same) or (Randomness::Different), or draw them outside the transform.");
+  } else if (msg.find("doesn't match the broadcast shape") != std::string::npos) {
+    e.add_context("torchfunc::" + api + ": if an in-place op wrote a batched value into a Tensor that is not "
+                  "batched (created outside vmap, or passed with in_dim none), use the out-of-place op instead.");
+  }
+}
+
 /// One vmap level over already-sized inputs. Returns the outputs with their
 /// batch dims moved to the normalised out_dims (written to `out_dims`).
 Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch, const VmapConfig& cfg,
@@ -75,7 +93,12 @@ Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_
   for (size_t i = 0; i < inputs.size(); ++i)
     batched.push_back(dims[i] ? ft::addBatchDim(inputs[i], *dims[i], lvl) : inputs[i]);
   FlatResult res;
-  f(batched, res);
+  try {
+    f(batched, res);
+  } catch (c10::Error& e) {
+    add_hint(e, cfg);
+    throw;
+  }
   TORCH_INTERNAL_ASSERT(res.out_dims.size() == res.leaves.size());
   Tensors outs;
   outs.reserve(res.leaves.size());

@@ -17,7 +17,7 @@ enum class JacMode { Rev, Fwd };
 template <JacMode Mode, class F, class Sel, bool Aux, class Options>
 class JacTransform {
  public:
-  JacTransform(F f, Options o) : f_(std::move(f)), options_(o) {}
+  JacTransform(F f, Options o, const char* api = nullptr) : f_(std::move(f)), options_(o), api_(api) {}
 
   template <class... Args>
   auto operator()(const Args&... args) const {
@@ -33,7 +33,7 @@ class JacTransform {
     }
     static_assert(only_tensor_leaves<Out>(),
                   "torchfunc::jacrev/jacfwd: f must return a Tensor or a container of Tensors.");
-    constexpr const char* api = Mode == JacMode::Rev ? "jacrev(f, ...)(*args)" : "jacfwd(f, ...)(*args)";
+    const char* api = api_ ? api_ : Mode == JacMode::Rev ? "jacrev(f, ...)(*args)" : "jacfwd(f, ...)(*args)";
 
     const auto like = std::forward_as_tuple(args...);
     const auto fa = flatten_args(like);
@@ -86,6 +86,7 @@ class JacTransform {
  private:
   F f_;
   Options options_;
+  const char* api_;  // what errors call this transform (hessian names itself); null: jacrev / jacfwd
 };
 
 }  // namespace detail
@@ -123,7 +124,11 @@ template <class F, class... Tags>
 auto hessian(F f, const Tags&... tags) {
   using P = detail::parse_tags<Tags...>;
   static_assert(!P::aux, "torchfunc::hessian: has_aux is not supported (as in torch.func.hessian).");
-  return jacfwd(jacrev(std::move(f), tags...), tags...);
+  constexpr const char* api = "hessian(f, ...)(*args)";  // errors name hessian, not its parts
+  using Rev = detail::JacTransform<detail::JacMode::Rev, F, typename P::sel, false, JacrevOptions>;
+  Rev rev(std::move(f), detail::find_option<JacrevOptions>(tags...), api);
+  return detail::JacTransform<detail::JacMode::Fwd, Rev, typename P::sel, false, JacfwdOptions>(
+      std::move(rev), detail::find_option<JacfwdOptions>(tags...), api);
 }
 
 }  // namespace torchfunc

@@ -220,8 +220,11 @@ void match_dims(const T& v, const Dims& d, std::vector<OptDim>& out, const Path&
   } else if constexpr (k == NodeKind::Optional) {
     if (v) match_dims(*v, d, out, path, ctx);
   } else if constexpr (k == NodeKind::Sequence) {
-    if (d.is_leaf()) {
-      node_t<T>::for_each(v, [&](size_t, const auto& c) { match_dims(c, d, out, path, ctx); });
+    if (d.is_leaf()) {  // an int or none broadcasts over the subtree (messages name the leaf)
+      node_t<T>::for_each(v, [&](size_t i, const auto& c) {
+        Path sub{&path, node_t<T>::key(v, i), ""};
+        match_dims(c, d, out, sub, ctx);
+      });
       return;
     }
     const size_t n = node_t<T>::size(v);
@@ -236,7 +239,10 @@ void match_dims(const T& v, const Dims& d, std::vector<OptDim>& out, const Path&
     });
   } else {  // Dict
     if (d.is_leaf()) {
-      node_t<T>::for_each(v, [&](const std::string&, const auto& c) { match_dims(c, d, out, path, ctx); });
+      node_t<T>::for_each(v, [&](const std::string& key, const auto& c) {
+        Path sub{&path, dict_key(key), ""};
+        match_dims(c, d, out, sub, ctx);
+      });
       return;
     }
     auto keys = node_t<T>::keys(v);
