@@ -79,7 +79,11 @@ VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, 
   return out;
 }
 
-Tensors vjp_apply(const VjpState& s, const Tensors& cts, LeafName ct_name) {
+Tensors vjp_apply(VjpState& s, const Tensors& cts, LeafName ct_name, bool retain_graph,
+                  c10::optional<bool> create_graph) {
+  TORCH_CHECK(!s.freed, "torchfunc::vjp(f, *primals): vjp_fn(cotangents): this vjp_fn's graph was freed by an "
+              "earlier call with VjpFnOptions().retain_graph(false); call vjp again, or keep retain_graph "
+              "true for every call but the last.");
   TORCH_CHECK(cts.size() == s.outputs.size(), "torchfunc::vjp(f, *primals): vjp_fn(cotangents): Expected ",
               s.outputs.size(), " cotangent Tensors (one per output of f), got ", cts.size(), ".");
   for (size_t k = 0; k < cts.size(); ++k) {
@@ -88,8 +92,9 @@ Tensors vjp_apply(const VjpState& s, const Tensors& cts, LeafName ct_name) {
                 ct_name(k), " to have the shape of the corresponding output of f, ",
                 shape_str(s.out_sizes[k]), ", but got ", shape_str(cts[k].sizes()), ".");
   }
-  const bool create_graph = c10::GradMode::is_enabled();
-  Tensors g = autograd_grad(s.outputs, s.inputs, cts, /*retain_graph=*/true, create_graph);
+  Tensors g = autograd_grad(s.outputs, s.inputs, cts, retain_graph,
+                            create_graph.value_or(c10::GradMode::is_enabled()));
+  s.freed = !retain_graph;
   Tensors result(s.num_inputs);
   for (size_t j = 0; j < g.size(); ++j) result[s.where[j]] = compat::unwrap_dead(g[j]);
   return result;

@@ -16,7 +16,7 @@ void ensure_jvp_decompositions();  // jvp_decompositions.cpp: forward mode throu
 // ---- jvp -----------------------------------------------------------------------
 
 JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Tensors& tangents, FlatFn f,
-                const char* api, LeafName name) {
+                const char* api, LeafName name, bool strict) {
   AutodiffScope autodiff;
   const bool prev_fwd = c10::AutogradState::get_tls_state().get_fw_grad_mode();
   ensure_jvp_decompositions();
@@ -58,7 +58,11 @@ JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Ten
     auto unpacked = at::_unpack_dual(res.leaves[k], 0);
     at::Tensor primal = std::get<0>(unpacked);
     at::Tensor tangent = std::get<1>(unpacked);
-    if (!tangent.defined()) tangent = at::zeros_like(primal);
+    if (!tangent.defined()) {
+      TORCH_CHECK(!strict, "torchfunc::", api, ": output ", k, " of f is independent of the inputs (it has no "
+                  "tangent). This is not allowed with JvpOptions().strict(true).");
+      tangent = at::zeros_like(primal);
+    }
     out.outputs.push_back(compat::unwrap_grad(primal, lvl));
     out.tangents.push_back(compat::unwrap_grad(tangent, lvl));
   }
@@ -113,6 +117,10 @@ LinearizeOut linearize_flat(const Tensors& primals, FlatFn f, LeafName name) {
   state->g = autograd_grad(outs, ins, state->u, /*retain_graph=*/true, /*create_graph=*/true);
   LinearizeOut out;
   for (const auto& o : outs) out.outputs.push_back(compat::unwrap_grad(o, lvl));
+  for (size_t k = res.num_primary; k < res.leaves.size(); ++k) {
+    const at::Tensor& a = res.leaves[k];
+    out.aux.push_back(a.defined() ? compat::unwrap_grad(a, lvl) : a);
+  }
   state->outputs = out.outputs;
   out.state = std::move(state);
   return out;

@@ -3,7 +3,10 @@
 // Not here: any transform (see levels.h).
 #include "levels.h"
 
+#include <ATen/FunctionalTensorWrapper.h>
 #include <c10/core/GradMode.h>
+
+#include <torchfunc/debug_unwrap.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/forward_grad.h>
 
@@ -191,4 +194,29 @@ void check_tensor_outputs(const FlatResult& res, const char* api) {
 }
 
 }  // namespace detail
+}  // namespace torchfunc
+
+// ---- debug_unwrap (include/torchfunc/debug_unwrap.h) -------------------------------
+
+namespace torchfunc {
+
+at::Tensor debug_unwrap(const at::Tensor& t, bool recurse) {
+  at::Tensor cur = t;
+  while (cur.defined()) {
+    at::Tensor next;
+    if (auto* b = at::functorch::maybeGetBatchedImpl(cur)) {
+      next = b->value();
+    } else if (auto* w = compat::wrapper_of(cur)) {
+      next = w->value();
+    } else if (at::functionalization::impl::isFunctionalTensor(cur)) {
+      next = at::functionalization::impl::from_functional_tensor(cur);
+    } else {
+      break;
+    }
+    cur = std::move(next);
+    if (!recurse) break;
+  }
+  return cur;
+}
+
 }  // namespace torchfunc

@@ -140,6 +140,7 @@ struct VjpState {
   std::vector<size_t> where;  // position of each diff input in the flat inputs
   size_t num_inputs = 0;
   std::vector<std::vector<int64_t>> out_sizes;
+  bool freed = false;  // a call with retain_graph(false) released the graph
 };
 
 }  // namespace detail

@@ -161,9 +161,16 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, con
     if (batch < 0) batch = n;
     mismatch = mismatch || n != batch;
   }
+  if (cfg.axis_size) {
+    TORCH_CHECK(batch < 0 || batch == *cfg.axis_size, "torchfunc::", vmap_prefix(cfg),
+                "(<inputs>): axis_size=", *cfg.axis_size, " but the mapped inputs have size ", batch,
+                " in the mapped dimension; leave axis_size unset when inputs are mapped, or make them agree.");
+    batch = *cfg.axis_size;
+  }
   TORCH_CHECK(batch >= 0, "torchfunc::", vmap_prefix(cfg),
               "(<inputs>): Expected at least one Tensor to vmap over, but every in_dim is none "
-              "(or there are no Tensor inputs).");
+              "(or there are no Tensor inputs). To run f over a batch with nothing mapped, give "
+              "VmapOptions().axis_size(n).");
   if (mismatch) {
     std::string sizes;
     for (size_t i = 0; i < inputs.size(); ++i)

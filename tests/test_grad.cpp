@@ -371,3 +371,62 @@ TEST_F(TF, VjpFnGivesZerosForUnusedPrimalsAndConstantOutputs) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- options of vjp_fn, jvp, linearize
+
+TEST_F(TF, VjpFnOptionsRetainAndCreateGraph) {
+  Tensor x = torch::randn({3}, torch::kDouble);
+  auto [out, fn] = func::vjp([](const Tensor& t) { return t.sin(); }, x);
+  Tensor ct = torch::ones({3}, torch::kDouble);
+  expect_close(std::get<0>(fn(ct)), x.cos(), 1e-12);  // retains by default
+  expect_close(std::get<0>(fn(ct, func::VjpFnOptions().retain_graph(false))), x.cos(), 1e-12);
+  EXPECT_ERROR(fn(ct), "this vjp_fn's graph was freed by an earlier call with VjpFnOptions().retain_graph(false)");
+  // create_graph: d/dx sum(vjp_fn(1)(x) * x) = d/dx sum(cos x * x) = cos x - x sin x
+  // when the gradient is recorded; cos x when it is a constant (create_graph false).
+  auto inner = [](const Tensor& t, func::VjpFnOptions o) {
+    auto [y, f] = func::vjp([](const Tensor& u) { return u.sin(); }, t);
+    return (std::get<0>(f(torch::ones_like(y), o)) * t).sum();
+  };
+  expect_close(func::grad([&](const Tensor& t) { return inner(t, func::VjpFnOptions()); })(x),
+               x.cos() - x * x.sin(), 1e-12);
+  expect_close(func::grad([&](const Tensor& t) { return inner(t, func::VjpFnOptions().create_graph(true)); })(x),
+               x.cos() - x * x.sin(), 1e-12);
+  expect_close(func::grad([&](const Tensor& t) { return inner(t, func::VjpFnOptions().create_graph(false)); })(x),
+               x.cos(), 1e-12);
+}
+
+TEST_F(TF, JvpStrict) {
+  Tensor x = torch::randn({3}, torch::kDouble), v = torch::randn({3}, torch::kDouble);
+  const auto strict = func::JvpOptions().strict(true);
+  auto [y, dy] = func::jvp([](const Tensor& t) { return t.sin(); }, std::tuple{x}, std::tuple{v}, strict);
+  expect_close(dy, x.cos() * v, 1e-12);
+  EXPECT_ERROR(func::jvp([](const Tensor&) { return torch::ones({2}); }, std::tuple{x}, std::tuple{v}, strict),
+               "output 0 of f is independent of the inputs");
+  EXPECT_ERROR(func::jvp([](const Tensor& t) { return std::make_tuple(t * 2, torch::ones({2})); }, std::tuple{x},
+                         std::tuple{v}, strict),
+               "output 1 of f is independent of the inputs (it has no tangent). This is not allowed with "
+               "JvpOptions().strict(true)");
+  // Not strict: a zero tangent; has_aux with strict: aux is not checked.
+  auto [z, dz] = func::jvp([](const Tensor&) { return torch::ones({2}); }, std::tuple{x}, std::tuple{v});
+  expect_close(dz, torch::zeros({2}), 0);
+  auto [o, t, aux] = func::jvp([](const Tensor& u) { return std::make_pair(u * 3, torch::ones({1})); }, func::has_aux,
+                               std::tuple{x}, std::tuple{v}, strict);
+  expect_close(t, 3 * v, 1e-12);
+  expect_close(aux, torch::ones({1}), 0);
+}
+
+TEST_F(TF, LinearizeHasAux) {
+  Tensor x = torch::randn({3}, torch::kDouble), v = torch::randn({3}, torch::kDouble);
+  int calls = 0;
+  auto f = [&](const Tensor& t) {
+    ++calls;
+    return std::make_pair(t.sin() * t, t.cos());
+  };
+  auto [out, jvp_fn, aux] = func::linearize(f, func::has_aux, x);
+  EXPECT_EQ(calls, 1);
+  expect_close(out, x.sin() * x, 1e-12);
+  expect_close(aux, x.cos(), 1e-12);
+  expect_close(aux + 1, x.cos() + 1, 1e-12);  // a plain tensor outside
+  expect_close(jvp_fn(v), (x.cos() * x + x.sin()) * v, 1e-12);
+  EXPECT_EQ(calls, 1);
+}

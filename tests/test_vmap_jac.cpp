@@ -274,3 +274,80 @@ TEST_F(TF, HessianMatchesAnalyticAndBothCompositions) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------- axis_size, debug_unwrap
+
+TEST_F(TF, VmapAxisSizeWithNothingMapped) {
+  Tensor w = torch::randn({3}, torch::kDouble);
+  auto twice = [](const Tensor& t) { return t * 2; };
+  Tensor out = func::vmap(twice, func::none, 0, func::VmapOptions().axis_size(4))(w);
+  expect_close(out, (w * 2).expand({4, 3}), 0);
+  // f with no arguments at all
+  Tensor ones = func::vmap([] { return torch::ones({2}); }, func::VmapOptions().axis_size(3))();
+  expect_close(ones, torch::ones({3, 2}), 0);
+  // Different randomness: one draw per sample (rows differ), the same with chunks.
+  auto noisy = [](const Tensor& t) { return t + torch::randn_like(t); };
+  torch::manual_seed(3);
+  Tensor a = func::vmap(noisy, func::none, 0,
+                        func::VmapOptions().axis_size(5).randomness(func::Randomness::Different))(w);
+  ASSERT_EQ(a.sizes(), (std::vector<int64_t>{5, 3}));
+  for (int i = 0; i < 5; ++i)
+    for (int j = i + 1; j < 5; ++j) EXPECT_FALSE(a[i].equal(a[j])) << i << " " << j;
+  Tensor b = func::vmap(noisy, func::none, 0,
+                        func::VmapOptions().axis_size(5).chunk_size(2).randomness(func::Randomness::Same))(w);
+  for (int i = 1; i < 5; ++i) EXPECT_TRUE(b[i].equal(b[0]));
+  // Agreeing with mapped inputs is allowed; grad through it: d/dw sum_4 (2 w) = 8.
+  Tensor xs = torch::randn({4, 3}, torch::kDouble);
+  expect_close(func::vmap([](const Tensor& x, const Tensor& t) { return x * t; }, func::in_dims(0, func::none), 0,
+                          func::VmapOptions().axis_size(4))(xs, w),
+               xs * w, 0);
+  Tensor g = func::grad([&](const Tensor& t) {
+    return func::vmap(twice, func::none, 0, func::VmapOptions().axis_size(4))(t).sum();
+  })(w);
+  expect_close(g, torch::full({3}, 8.0, torch::kDouble), 0);
+  EXPECT_ERROR(func::vmap([](const Tensor& x) { return x; }, 0, 0, func::VmapOptions().axis_size(3))(xs),
+               "axis_size=3 but the mapped inputs have size 4");
+  EXPECT_ERROR(func::vmap(twice, func::VmapOptions().axis_size(-1)), "axis_size should be none or at least 0, got -1");
+  EXPECT_ERROR(func::vmap(twice, func::none)(w), "give VmapOptions().axis_size(n)");
+}
+
+TEST_F(TF, DebugUnwrapShowsWhatTheTransformWraps) {
+  Tensor xs = torch::randn({4, 3}, torch::kDouble);
+  EXPECT_TRUE(func::debug_unwrap(xs).is_same(xs));
+  func::vmap([&](const Tensor& x) {
+    Tensor plain = func::debug_unwrap(x);
+    EXPECT_EQ(plain.sizes(), xs.sizes());
+    EXPECT_TRUE(plain.equal(xs));
+    return x;
+  })(xs);
+  func::grad([&](const Tensor& x) {
+    Tensor plain = func::debug_unwrap(x);
+    EXPECT_TRUE(plain.equal(xs[0]));
+    EXPECT_TRUE(func::debug_unwrap(plain).is_same(plain));
+    return x.sum();
+  })(xs[0]);
+  // vmap(grad): one level down is the vmap-level tensor (one sample's shape),
+  // all the way down the whole batch.
+  func::vmap(func::grad([&](const Tensor& x) {
+    EXPECT_EQ(func::debug_unwrap(x, /*recurse=*/false).sizes(), (std::vector<int64_t>{3}));
+    Tensor plain = func::debug_unwrap(x);
+    EXPECT_EQ(plain.sizes(), xs.sizes());
+    EXPECT_TRUE(plain.equal(xs));
+    return x.sum();
+  }))(xs);
+}
+
+TEST_F(TF, HessianHasAux) {
+  Tensor x = torch::randn({3}, torch::kDouble);
+  auto [H, aux] = func::hessian([](const Tensor& t) { return std::make_pair(t.pow(3).sum(), t.exp()); },
+                                func::has_aux)(x);
+  expect_close(H, torch::diag(6 * x), 1e-10);
+  expect_close(aux, x.exp(), 1e-12);
+  expect_close(aux * 2, x.exp() * 2, 1e-12);  // aux is a plain tensor outside
+  // argnums with has_aux
+  Tensor y = torch::randn({3}, torch::kDouble);
+  auto [Hy, aux2] = func::hessian([](const Tensor& a, const Tensor& b) { return std::make_pair((a * b * b).sum(), b); },
+                                  func::argnum<1>, func::has_aux)(x, y);
+  expect_close(Hy, torch::diag(2 * x), 1e-10);
+  expect_close(aux2, y, 0);
+}

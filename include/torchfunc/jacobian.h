@@ -118,16 +118,17 @@ auto jacfwd(F f, const Tags&... tags) {
   return detail::JacTransform<detail::JacMode::Fwd, F, typename P::sel, P::aux, JacfwdOptions>(std::move(f), o);
 }
 
-/// hessian(f, [argnum<I> | argnums<I...>])(args...) = jacfwd(jacrev(f, a), a).
+/// hessian(f, [argnum<I> | argnums<I...>], [has_aux])(args...) = jacfwd(jacrev(f, a), a).
 /// Mirrors torch.func.hessian. For scalar f of x: shape x.shape + x.shape.
+/// With has_aux (JAX's hessian(has_aux=True); torch.func has none), f returns
+/// {output, aux} and hessian returns std::pair{H, aux}.
 template <class F, class... Tags>
 auto hessian(F f, const Tags&... tags) {
   using P = detail::parse_tags<Tags...>;
-  static_assert(!P::aux, "torchfunc::hessian: has_aux is not supported (as in torch.func.hessian).");
   constexpr const char* api = "hessian(f, ...)(*args)";  // errors name hessian, not its parts
-  using Rev = detail::JacTransform<detail::JacMode::Rev, F, typename P::sel, false, JacrevOptions>;
+  using Rev = detail::JacTransform<detail::JacMode::Rev, F, typename P::sel, P::aux, JacrevOptions>;
   Rev rev(std::move(f), detail::find_option<JacrevOptions>(tags...), api);
-  return detail::JacTransform<detail::JacMode::Fwd, Rev, typename P::sel, false, JacfwdOptions>(
+  return detail::JacTransform<detail::JacMode::Fwd, Rev, typename P::sel, P::aux, JacfwdOptions>(
       std::move(rev), detail::find_option<JacfwdOptions>(tags...), api);
 }
 

@@ -13,7 +13,8 @@ template <class... T>
 struct is_std_tuple<std::tuple<T...>> : std::true_type {};
 
 template <bool Aux, class F, class... P>
-auto jvp_impl(const F& f, const std::tuple<P...>& primals, const std::tuple<P...>& tangents) {
+auto jvp_impl(const F& f, const std::tuple<P...>& primals, const std::tuple<P...>& tangents,
+              const JvpOptions& options) {
   static_assert(sizeof...(P) > 0, "torchfunc::jvp: primals must hold at least one Tensor.");
   using R = result_t<F, P...>;
   using Out = std::conditional_t<Aux, typename aux_split<R>::out, R>;
@@ -47,7 +48,7 @@ auto jvp_impl(const F& f, const std::tuple<P...>& primals, const std::tuple<P...
     }
   };
   auto name = [&](size_t i) { return leaf_path(primals, i, "primals"); };
-  JvpOut j = jvp_flat(fa.leaves, mask, tans, flat_fn, api, name);
+  JvpOut j = jvp_flat(fa.leaves, mask, tans, flat_fn, api, name, options.strict());
   const auto& out_like = [&]() -> const Out& {
     if constexpr (Aux) {
       return primary_of(*out);
@@ -77,22 +78,25 @@ auto jvp_impl(const F& f, const std::tuple<P...>& primals, const std::tuple<P...
 ///
 /// Mirrors torch.func.jvp. `primals` and `tangents` are std::tuples with one
 /// entry per argument of f and the same structure (tangent shapes equal the
-/// primal shapes). Forward-mode AD: one evaluation of f.
+/// primal shapes). Forward-mode AD: one evaluation of f. JvpOptions last:
+/// JvpOptions().strict(true) makes an output that does not depend on the
+/// primals an error.
 ///   auto [y, dy] = jvp(f, std::tuple{x}, std::tuple{v});     // dy = J v
 ///   auto hvp = jvp(grad(f), std::tuple{x}, std::tuple{v}).second;
 template <class F, class... P, class... T>
-auto jvp(F f, const std::tuple<P...>& primals, const std::tuple<T...>& tangents) {
+auto jvp(F f, const std::tuple<P...>& primals, const std::tuple<T...>& tangents, const JvpOptions& options = {}) {
   static_assert(std::is_same_v<std::tuple<P...>, std::tuple<T...>>,
                 "torchfunc::jvp: primals and tangents must have the same type, e.g. "
                 "jvp(f, std::tuple{x, y}, std::tuple{tx, ty}).");
-  return detail::jvp_impl<false>(f, primals, tangents);
+  return detail::jvp_impl<false>(f, primals, tangents, options);
 }
 template <class F, class... P, class... T>
-auto jvp(F f, has_aux_t, const std::tuple<P...>& primals, const std::tuple<T...>& tangents) {
+auto jvp(F f, has_aux_t, const std::tuple<P...>& primals, const std::tuple<T...>& tangents,
+         const JvpOptions& options = {}) {
   static_assert(std::is_same_v<std::tuple<P...>, std::tuple<T...>>,
                 "torchfunc::jvp: primals and tangents must have the same type, e.g. "
                 "jvp(f, has_aux, std::tuple{x}, std::tuple{tx}).");
-  return detail::jvp_impl<true>(f, primals, tangents);
+  return detail::jvp_impl<true>(f, primals, tangents, options);
 }
 
 /// The linear map returned by linearize: jvp_fn(tangents...) -> J(primals)·t,
@@ -128,14 +132,19 @@ class LinearizeFn {
   std::shared_ptr<detail::LinearizeState> state_;
 };
 
-/// linearize(f, primals...) -> std::pair{output, jvp_fn}. Mirrors
-/// torch.func.linearize: jvp_fn(t...) equals jvp(f, {primals}, {t}).second.
-template <class F, class... Primals>
-auto linearize(F f, const Primals&... primals) {
-  using namespace detail;
+namespace detail {
+template <bool Aux, class F, class... Primals>
+auto linearize_impl(const F& f, const Primals&... primals) {
   static_assert(sizeof...(Primals) > 0, "torchfunc::linearize: pass at least one primal.");
   using R = result_t<F, Primals...>;
-  static_assert(only_tensor_leaves<R>(),
+  using Out = std::conditional_t<Aux, typename aux_split<R>::out, R>;
+  if constexpr (Aux) {
+    static_assert(aux_split<R>::ok,
+                  "torchfunc::linearize: with has_aux, f must return std::pair<Out, Aux> (or a 2-tuple).");
+    static_assert(only_tensor_leaves<typename aux_split<R>::aux>(),
+                  "torchfunc::linearize: aux may only contain Tensors.");
+  }
+  static_assert(only_tensor_leaves<Out>(),
                 "torchfunc::linearize: f must return a Tensor or a container of Tensors.");
   auto primals_copy = std::make_shared<const std::tuple<Primals...>>(primals...);
   const auto& like = *primals_copy;
@@ -143,16 +152,51 @@ auto linearize(F f, const Primals&... primals) {
   std::optional<R> out;
   auto flat_fn = [&](Tensors& in, FlatResult& res) {
     out.emplace(call_rebuilt(f, like, in));
-    flatten_into(*out, res.leaves);
-    res.num_primary = res.leaves.size();
+    if constexpr (Aux) {
+      flatten_into(primary_of(*out), res.leaves);
+      res.num_primary = res.leaves.size();
+      flatten_into(aux_of(*out), res.leaves);
+    } else {
+      flatten_into(*out, res.leaves);
+      res.num_primary = res.leaves.size();
+    }
   };
   auto name = [&](size_t i) { return leaf_path(like, i, "primals"); };
   LinearizeOut l = linearize_flat(fa.leaves, flat_fn, name);
   const at::Tensor* it = l.outputs.data();
-  R output = unflatten(*out, it);
-  out.reset();
-  auto out_like = std::make_shared<const R>(output);
-  return std::make_pair(std::move(output), LinearizeFn<R, Primals...>(out_like, primals_copy, l.state));
+  const Out& out_struct = [&]() -> const Out& {
+    if constexpr (Aux) {
+      return primary_of(*out);
+    } else {
+      return *out;
+    }
+  }();
+  Out output = unflatten(out_struct, it);
+  auto out_like = std::make_shared<const Out>(output);
+  LinearizeFn<Out, Primals...> fn(out_like, primals_copy, l.state);
+  if constexpr (Aux) {
+    const at::Tensor* ait = l.aux.data();
+    auto aux = unflatten(aux_of(*out), ait);
+    out.reset();
+    return std::make_tuple(std::move(output), std::move(fn), std::move(aux));
+  } else {
+    out.reset();
+    return std::make_pair(std::move(output), std::move(fn));
+  }
+}
+}  // namespace detail
+
+/// linearize(f, primals...) -> std::pair{output, jvp_fn}. Mirrors
+/// torch.func.linearize: jvp_fn(t...) equals jvp(f, {primals}, {t}).second.
+/// linearize(f, has_aux, primals...) -> std::tuple{output, jvp_fn, aux}
+/// (as JAX's linearize(has_aux=True); torch.func has no has_aux here).
+template <class F, class... Primals>
+auto linearize(F f, const Primals&... primals) {
+  return detail::linearize_impl<false>(f, primals...);
+}
+template <class F, class... Primals>
+auto linearize(F f, has_aux_t, const Primals&... primals) {
+  return detail::linearize_impl<true>(f, primals...);
 }
 
 }  // namespace torchfunc

@@ -121,6 +121,30 @@ struct VmapOptions {
   /// Split the batch into chunks of this many samples (memory for speed).
   TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
   TORCH_ARG(Randomness, randomness) = Randomness::Error;
+  /// The batch size when no input is mapped (every in_dim none, or no
+  /// Tensor inputs): f runs once per "sample" of a batch of this size (JAX's
+  /// axis_size; torch.func has none and errors). With mapped inputs it must
+  /// equal their size.
+  TORCH_ARG(c10::optional<int64_t>, axis_size) = c10::nullopt;
+};
+
+/// Options of a vjp_fn call. Mirrors vjp_fn(cotangents, retain_graph=True,
+/// create_graph=None).
+struct VjpFnOptions {
+  /// Keep the recorded graph for later calls; false frees it (a later call
+  /// is then an error), as torch.autograd.grad's retain_graph.
+  TORCH_ARG(bool, retain_graph) = true;
+  /// Record the gradient computation itself, so the result can be
+  /// differentiated again by an enclosing transform; unset: whether grad mode
+  /// is on, as in torch.func.
+  TORCH_ARG(c10::optional<bool>, create_graph) = c10::nullopt;
+};
+
+/// Options of jvp. Mirrors jvp(..., strict=).
+struct JvpOptions {
+  /// An output of f that does not depend on the primals is an error (instead
+  /// of a zero tangent).
+  TORCH_ARG(bool, strict) = false;
 };
 
 /// Options of jacrev. Mirrors jacrev(..., chunk_size=).

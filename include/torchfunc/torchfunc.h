@@ -15,3 +15,4 @@
 #include <torchfunc/jacobian.h>
 #include <torchfunc/functional_call.h>
 #include <torchfunc/allocator.h>
+#include <torchfunc/debug_unwrap.h>

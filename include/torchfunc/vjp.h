@@ -12,13 +12,14 @@ struct VjpBuilder;
 /// The pullback returned by vjp: vjp_fn(cotangents) -> std::tuple of one
 /// gradient per primal, each with its primal's type. `cotangents` has the
 /// type and structure of f's output. Copyable; may be called many times,
-/// and under vmap (that is how jacrev works).
+/// and under vmap (that is how jacrev works). VjpFnOptions last:
+///   vjp_fn(ct, VjpFnOptions().retain_graph(false).create_graph(false))
 template <class Out, class... Primals>
 class VjpFn {
  public:
   using result_type = std::tuple<Primals...>;
 
-  std::tuple<Primals...> operator()(const Out& cotangents) const {
+  std::tuple<Primals...> operator()(const Out& cotangents, const VjpFnOptions& options = {}) const {
     if (auto err = detail::structure_mismatch(*out_like_, cotangents, detail::Path{nullptr, "", "cotangents"});
         !err.empty()) {
       detail::fail("vjp(f, *primals): vjp_fn(cotangents): Expected the cotangents to have the same structure as the "
@@ -26,7 +27,7 @@ class VjpFn {
     }
     detail::Tensors cts = tree_flatten(cotangents);
     auto name = [&](size_t i) { return detail::leaf_path(cotangents, i, "cotangents"); };
-    detail::Tensors grads = detail::vjp_apply(*state_, cts, name);
+    detail::Tensors grads = detail::vjp_apply(*state_, cts, name, options.retain_graph(), options.create_graph());
     return rebuild(grads, std::index_sequence_for<Primals...>{});
   }
 

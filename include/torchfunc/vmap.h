@@ -35,8 +35,9 @@ class VmapTransform {
                   "leaves).");
     const auto like = std::forward_as_tuple(args...);
     if constexpr (sizeof...(Args) == 0) {
-      fail(describe_vmap(&spec_) + "(<inputs>): got no inputs. Maybe you forgot to add inputs, or "
-           "you are trying to vmap over a function with no inputs. The latter is unsupported.");
+      if (!spec_.options.axis_size())
+        fail(describe_vmap(&spec_) + "(<inputs>): got no inputs. Maybe you forgot to add inputs, or "
+             "you are trying to vmap over a function with no inputs; that needs VmapOptions().axis_size(n).");
     }
     const auto fa = flatten_args(like);
     std::vector<OptDim> dims;
@@ -58,6 +59,7 @@ class VmapTransform {
     VmapConfig cfg;
     cfg.chunk_size = spec_.options.chunk_size();
     cfg.randomness = spec_.options.randomness();
+    cfg.axis_size = spec_.options.axis_size();
     cfg.describe = &describe_vmap;
     cfg.describe_arg = &spec_;
     auto name = [&](size_t i) { return leaf_path(like, i, "args"); };
@@ -110,7 +112,9 @@ void vmap_parse(VmapSpec& s, int& positional, A&& a, Rest&&... rest) {
 /// argument; `in_dims(d0, d1, ...)` gives one entry per argument, each an
 /// int, `none` or a nested Dims tree. out_dims: the same for the outputs
 /// (a bare value as the second positional argument, or `out_dims(...)`).
-/// Options: chunk_size, randomness.
+/// Options: chunk_size, randomness, axis_size (the batch size when nothing
+/// is mapped: vmap(f, none, 0, VmapOptions().axis_size(8))(w) runs f for a
+/// batch of 8, e.g. 8 random draws with Randomness::Different).
 ///   auto ys = vmap(model_fn, in_dims(none, 0))(weights, xs);
 ///   auto per_sample = vmap(grad(loss), in_dims(none, 0, 0))(w, xs, ys);
 template <class F, class... Opts>
@@ -122,6 +126,9 @@ auto vmap(F f, Opts&&... opts) {
   const auto cs = spec.options.chunk_size();
   TORCH_CHECK(!cs.has_value() || *cs > 0, "torchfunc::vmap: chunk_size should be none or greater than 0, got ",
               cs.has_value() ? *cs : 0, ".");
+  const auto as = spec.options.axis_size();
+  TORCH_CHECK(!as.has_value() || *as >= 0, "torchfunc::vmap: axis_size should be none or at least 0, got ",
+              as.has_value() ? *as : 0, ".");
   return detail::VmapTransform<F>(std::move(f), std::move(spec));
 }
 

@@ -37,8 +37,6 @@ void misuse() {
   func::grad([](const Tensor& a, const Tensor& b) { return (a * b).sum(); }, func::argnums<0, 0>)(x, y);
 #elif defined(TORCHFUNC_CF_UNKNOWN_TAG)
   func::jacrev([](const Tensor& t) { return t.sin(); }, 3)(x);
-#elif defined(TORCHFUNC_CF_HESSIAN_HAS_AUX)
-  func::hessian([](const Tensor& t) { return std::make_pair(t.sum(), t); }, func::has_aux)(x);
 #elif defined(TORCHFUNC_CF_JVP_TANGENT_TYPE)
   func::jvp([](const Tensor& t) { return t.sin(); }, std::tuple{x}, std::tuple{std::vector<Tensor>{x}});
 #elif defined(TORCHFUNC_CF_VJP_NON_TENSOR_OUTPUT)

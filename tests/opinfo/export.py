@@ -35,6 +35,10 @@ RANDOM_OPS = re.compile(r"^(rand|randn|randint|randperm|rand_like|randn_like|ran
                         r"normal|uniform|cauchy|exponential|geometric|log_normal|poisson|binomial|"
                         r"(native_|feature_|alpha_|feature_alpha_)?dropout|rrelu|rrelu_with_noise|"
                         r"fractional_max_pool[23]d)_?$")
+# Ops whose output is uninitialised memory: two calls may return the same
+# bytes by chance (a reused block), so the "two calls differ" check cannot
+# be trusted to skip them.
+UNINITIALISED_OPS = re.compile(r"^(empty|empty_like|empty_strided|empty_permuted|new_empty|new_empty_strided)$")
 # Jacobians larger than this (out numel x in numel) are not computed.
 MAX_JACOBIAN = 1 << 20
 
@@ -164,6 +168,10 @@ def export_sample(op, variant_fn, sample, dtype, gen, full):
     random_ops = [g for g in graph_ops if RANDOM_OPS.match(g[len("aten::"):])]
     if random_ops:
         return None, "random (" + " ".join(random_ops) + ")"
+    # (the sample's own top-level ATen calls, not what they decompose into)
+    top = [o.replace("::", ".").split(".")[1] for o in rec.ops]
+    if top and all(UNINITIALISED_OPS.match(o) for o in top):
+        return None, "uninitialised output (" + " ".join(rec.ops) + ")"
 
     def run(*args):
         return tuple(as_list(traced(*args)))

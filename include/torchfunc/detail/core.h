@@ -58,7 +58,9 @@ struct VjpOut {
 VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
                 const char* api, LeafName name);
 /// Gradients aligned with the vjp's inputs (undefined where not diff).
-Tensors vjp_apply(const VjpState& state, const Tensors& cotangents, LeafName ct_name);
+/// create_graph unset: whether grad mode is on.
+Tensors vjp_apply(VjpState& state, const Tensors& cotangents, LeafName ct_name, bool retain_graph = true,
+                  c10::optional<bool> create_graph = c10::nullopt);
 
 // ---- jvp -----------------------------------------------------------------
 struct JvpOut {
@@ -67,13 +69,15 @@ struct JvpOut {
   Tensors aux;
 };
 /// tangents is aligned with primals; only entries with diff[i] are used.
+/// strict: an output that does not depend on the primals is an error.
 JvpOut jvp_flat(const Tensors& primals, const std::vector<char>& diff, const Tensors& tangents,
-                FlatFn f, const char* api, LeafName name);
+                FlatFn f, const char* api, LeafName name, bool strict = false);
 
 // ---- linearize ------------------------------------------------------------
 struct LinearizeState;
 struct LinearizeOut {
   Tensors outputs;
+  Tensors aux;  // f's aux leaves (has_aux), unwrapped
   std::shared_ptr<LinearizeState> state;
 };
 LinearizeOut linearize_flat(const Tensors& primals, FlatFn f, LeafName name);
@@ -84,6 +88,7 @@ struct VmapConfig {
   const char* api = "vmap";
   c10::optional<int64_t> chunk_size;
   Randomness randomness = Randomness::Error;
+  c10::optional<int64_t> axis_size;  // the batch size when nothing is mapped
   // Renders "vmap(f, in_dims=(none, 0), ...)" for messages; may be empty.
   std::string (*describe)(const void*) = nullptr;
   const void* describe_arg = nullptr;
