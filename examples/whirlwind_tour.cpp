@@ -90,6 +90,40 @@ int main() {
   check(torch::allclose(h2, h1), "jacfwd(jacrev(f))(x) == hessian(f)(x)");
   check(torch::allclose(h1, torch::diag(-x5.sin())), "hessian(sum(sin))(x) == diag(-sin(x))");
 
+  std::puts("beyond torch.func: has_aux for hessian and linearize (as in JAX)");
+  auto f_aux = [](const Tensor& t) { return std::make_pair(t.sin().sum(), t.cos()); };
+  auto [h3, aux] = func::hessian(f_aux, func::has_aux)(x5);
+  check(torch::allclose(h3, h1) && torch::allclose(aux, x5.cos()), "hessian(f, has_aux)(x) == {H, aux}");
+  Tensor v5 = torch::randn({5});
+  auto [lin_out, jvp_fn, lin_aux] = func::linearize(f_aux, func::has_aux, x5);
+  check(torch::allclose(jvp_fn(v5), (x5.cos() * v5).sum()) && torch::allclose(lin_aux, x5.cos()),
+        "linearize(f, has_aux, x) gives jvp_fn(v) == <cos x, v> and the aux");
+
+  std::puts("vmap with nothing mapped: axis_size (as in JAX)");
+  Tensor draws = func::vmap([](const Tensor& w) { return w + torch::randn_like(w); }, func::none, 0,
+                            func::VmapOptions().axis_size(4).randomness(func::Randomness::Different))(x5);
+  check(draws.sizes() == torch::IntArrayRef({4, 5}) && !torch::equal(draws[0], draws[1]),
+        "vmap(noisy, none, axis_size=4)(w): 4 different draws");
+
+  std::puts("debug_unwrap: what a transform sees");
+  func::vmap([&](const Tensor& t) {
+    check(func::debug_unwrap(t).sizes() == xb.sizes(), "inside vmap, debug_unwrap(x) is the whole batch");
+    return t;
+  })(xb);
+
+  std::puts("jvp strict and vjp_fn options (as in torch.func)");
+  bool refused = false;
+  try {
+    func::jvp([](const Tensor&) { return torch::ones({2}); }, std::tuple{x5}, std::tuple{v5},
+              func::JvpOptions().strict(true));
+  } catch (const c10::Error&) {
+    refused = true;
+  }
+  check(refused, "jvp(strict=true) refuses an output that does not depend on the primals");
+  auto [y5, vjp_fn5] = func::vjp(sin, x5);
+  auto [g5] = vjp_fn5(torch::ones({5}), func::VjpFnOptions().retain_graph(false));
+  check(torch::allclose(g5, x5.cos()), "vjp_fn(ct, retain_graph=false) == cos(x), then the graph is freed");
+
   std::printf("%s\n", failures ? "SOME CHECKS FAILED" : "all checks passed");
   return failures ? 1 : 0;
 }
