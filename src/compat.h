@@ -54,20 +54,31 @@ namespace warning_api = c10::WarningUtils;
 #else
 namespace warning_api = c10::Warning;
 #endif
-class QuietWarnings : public c10::WarningHandler {
+/// While alive, this thread's warnings go to pass() first; the ones it
+/// returns true for go on to the handler installed before it.
+class WarningFilter : public c10::WarningHandler {
  public:
-  QuietWarnings() : prev_(warning_api::get_warning_handler()) { warning_api::set_warning_handler(this); }
-  ~QuietWarnings() override { warning_api::set_warning_handler(prev_); }
-  QuietWarnings(const QuietWarnings&) = delete;
-  QuietWarnings& operator=(const QuietWarnings&) = delete;
+  WarningFilter() : prev_(warning_api::get_warning_handler()) { warning_api::set_warning_handler(this); }
+  ~WarningFilter() override { warning_api::set_warning_handler(prev_); }
+  WarningFilter(const WarningFilter&) = delete;
+  WarningFilter& operator=(const WarningFilter&) = delete;
+  virtual bool pass(const std::string& msg) = 0;
 #if TORCH_VERSION_MAJOR >= 2
-  void process(const c10::Warning&) override {}
+  void process(const c10::Warning& w) override {
+    if (pass(w.msg()) && prev_) prev_->process(w);
+  }
 #else
-  void process(const c10::SourceLocation&, const std::string&, const bool) override {}
+  void process(const c10::SourceLocation& loc, const std::string& msg, const bool verbatim) override {
+    if (pass(msg) && prev_) prev_->process(loc, msg, verbatim);
+  }
 #endif
 
  private:
   c10::WarningHandler* prev_;
+};
+class QuietWarnings : public WarningFilter {
+ public:
+  bool pass(const std::string&) override { return false; }
 };
 
 inline int64_t push_grad_layer(bool prev_grad_mode) {

@@ -3,6 +3,8 @@
 // printing for messages. Not here: batching rules (batch_rules/).
 #include "levels.h"
 
+#include "fallback_scope.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/detail/CUDAHooksInterface.h>
 
@@ -94,6 +96,7 @@ Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_
     batched.push_back(dims[i] ? ft::addBatchDim(inputs[i], *dims[i], lvl) : inputs[i]);
   FlatResult res;
   try {
+    FallbackScope count_fallbacks(vmap_prefix(cfg));
     f(batched, res);
   } catch (c10::Error& e) {
     add_hint(e, cfg);

@@ -36,7 +36,7 @@ struct ThreadState {
   uint64_t included_keys, excluded_keys;
 
   static ThreadState now() {
-    const auto keys = c10::impl::tls_local_dispatch_key_set();
+    auto keys = c10::impl::tls_local_dispatch_key_set();  // (raw_repr is not const on 1.13)
     return {at::functorch::getDynamicLayerStack().size(),
             at::functorch::getInplaceRequiresGradAllowed(),
             c10::GradMode::is_enabled(),

@@ -117,6 +117,14 @@ std::vector<Misuse> catalogue() {
         Tensor acc = torch::zeros({3});
         func::vmap([&](const Tensor& t) { return acc.add_(t); })(xs);
       });
+  row("vmap", "an op without a batching rule while set_fallback_mode(FallbackMode::Error)",
+      "aten::take has no batching rule, so libtorch would run it once per sample", [=] {
+        struct Restore {
+          func::FallbackMode prev = func::set_fallback_mode(func::FallbackMode::Error);
+          ~Restore() { func::set_fallback_mode(prev); }
+        } restore;
+        func::vmap([](const Tensor& t) { return torch::take(t, torch::tensor({0, 2})); })(xs);
+      });
   row("vmap", "requires_grad_() inside f", "torchfunc::vmap: Tensor.requires_grad_() was called inside",
       [=] { func::vmap([](const Tensor& t) { return (t * 2).requires_grad_(); })(xs); });
   row("vmap", "a batched Tensor used after vmap returned", "escaped",

@@ -351,3 +351,49 @@ TEST_F(TF, HessianHasAux) {
   expect_close(Hy, torch::diag(2 * x), 1e-10);
   expect_close(aux2, y, 0);
 }
+
+// ---------------------------------------------------------------- fallback_report
+
+TEST_F(TF, FallbackReportCountsAndModes) {
+  // aten::take has no batching rule on 1.13 or 2.13: libtorch loops over the batch.
+  Tensor xs = torch::randn({4, 5}, torch::kDouble);
+  Tensor idx = torch::tensor({0, 3, 4});
+  auto f = [&](const Tensor& x) { return torch::take(x, idx) + torch::take(x * 2, idx); };
+  Tensor loop = torch::stack({f(xs[0]), f(xs[1]), f(xs[2]), f(xs[3])});
+  auto calls_of = [](const std::string& op) {
+    for (const auto& e : func::fallback_report())
+      if (e.op == op) return e.calls;
+    return int64_t{0};
+  };
+  func::reset_fallback_report();
+  EXPECT_TRUE(func::fallback_report().empty());
+  {
+    FallbackLog log;  // Warn (the default): libtorch's warning is passed on
+    expect_close(func::vmap(f)(xs), loop, 0);
+    EXPECT_NE(log.ops.find("aten::take"), std::string::npos) << log.ops;
+  }
+  EXPECT_EQ(calls_of("aten::take"), 2);  // two batched calls (each looping over 4 samples)
+  // Nested vmaps: the inner level's fallback calls take once per inner sample
+  // on tensors still batched at the outer level, each an outer fallback:
+  // 1 + 2 calls for a 2 x 2 batch.
+  func::vmap(func::vmap([&](const Tensor& r) { return torch::take(r, torch::tensor({0})); }))(xs.view({2, 2, 5}));
+  EXPECT_EQ(calls_of("aten::take"), 5);
+  {
+    const auto prev = func::set_fallback_mode(func::FallbackMode::Silent);
+    EXPECT_EQ(prev, func::FallbackMode::Warn);
+    FallbackLog log;
+    expect_close(func::vmap(f)(xs), loop, 0);
+    EXPECT_EQ(log.ops, "");
+    EXPECT_EQ(calls_of("aten::take"), 7);
+    func::set_fallback_mode(func::FallbackMode::Error);
+    EXPECT_ERROR(func::vmap(f)(xs), "aten::take has no batching rule, so libtorch would run it once per sample");
+    EXPECT_ERROR(func::vmap(func::grad([&](const Tensor& x) { return f(x).sum(); }))(xs), "torchfunc::vmap");
+    // Ops with batching rules are unaffected.
+    expect_close(func::vmap([](const Tensor& x) { return x.sin(); })(xs), xs.sin(), 0);
+    func::set_fallback_mode(func::FallbackMode::Warn);
+  }
+  EXPECT_EQ(func::fallback_mode(), func::FallbackMode::Warn);
+  expect_close(func::vmap(f)(xs), loop, 0);
+  func::reset_fallback_report();
+  EXPECT_EQ(calls_of("aten::take"), 0);
+}

@@ -16,3 +16,4 @@
 #include <torchfunc/functional_call.h>
 #include <torchfunc/allocator.h>
 #include <torchfunc/debug_unwrap.h>
+#include <torchfunc/fallback.h>

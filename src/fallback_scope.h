@@ -1,0 +1,27 @@
+// src/fallback_scope.h: counts libtorch's per-sample fallbacks while a
+// torchfunc vmap level runs (src/fallback.cpp).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "compat.h"
+
+namespace torchfunc {
+namespace detail {
+
+/// Installs this thread's fallback counter while alive (once per thread:
+/// nested vmaps share the outermost one). `api` names the transform in errors.
+class FallbackScope {
+ public:
+  explicit FallbackScope(const std::string& api);
+  ~FallbackScope();
+  FallbackScope(const FallbackScope&) = delete;
+  FallbackScope& operator=(const FallbackScope&) = delete;
+
+ private:
+  std::unique_ptr<compat::WarningFilter> counter_;  // null in nested scopes
+};
+
+}  // namespace detail
+}  // namespace torchfunc
