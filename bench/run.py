@@ -79,7 +79,8 @@ def main():
         sys.exit(f"run.py: {CPP} not built (bash scripts/build.sh)")
     names = subprocess.run([CPP, "--list"], capture_output=True, text=True, check=True).stdout.split("\n")
     names = [n.split()[0] for n in names if n.strip()]
-    names = [n for n in names if not n.startswith("MT/")]  # C++ only: run torchfunc_bench --case MT/... directly
+    # C++ only: torchfunc_bench --case MT/... directly; MEM/: bench/chunk_memory.py
+    names = [n for n in names if not n.startswith(("MT/", "MEM/"))]
     if a.cases:
         names = [n for n in names if any(n.startswith(p) for p in a.cases.split(","))]
     import torch  # only for the version line

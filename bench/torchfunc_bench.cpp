@@ -295,6 +295,27 @@ std::vector<Case> all_cases() {
                        fn(ct);
                      });
                    }});
+  // Peak memory of chunked Jacobians (bench/chunk_memory.py runs each in a
+  // fresh process and reads its peak RSS): a 256 MiB float32 Jacobian by
+  // jacfwd (2048 inputs, 32768 outputs) and a 256 MiB Hessian (8192 inputs),
+  // unchunked and in chunks. C++ only: torch.func chunks neither.
+  for (int64_t cs : {0, 2048, 512, 64}) {
+    const std::string tag = cs ? std::to_string(cs) : "none";
+    cases.push_back({"MEM/jacfwd/" + tag, "jacfwd of tanh(outer(a, x)) [32768] w.r.t. x [2048], chunk_size " + tag, [=] {
+                       Tensor x = torch::randn({2048}), a = torch::randn({16});
+                       auto f = [a](const Tensor& t) { return torch::tanh(torch::outer(a, t)).reshape({-1}); };
+                       func::JacfwdOptions o;
+                       if (cs) o.chunk_size(cs);
+                       return Call([=] { func::jacfwd(f, o)(x); });
+                     }});
+    cases.push_back({"MEM/hessian/" + tag, "hessian of logsumexp(outer(x, sin x)) w.r.t. x [8192], chunk_size " + tag, [=] {
+                       Tensor x = torch::randn({8192}) * 0.1;
+                       auto f = [](const Tensor& t) { return (torch::tanh(t) * t.cos()).sum() + t.sum().pow(2); };
+                       func::HessianOptions o;
+                       if (cs) o.chunk_size(cs);
+                       return Call([=] { func::hessian(f, o)(x); });
+                     }});
+  }
   // Transforms in several application threads at once (libtorch 2.x: no
   // process-wide lock; 1.13 runs them one at a time). The same 8 calls of
   // vmap(grad) over a small MLP, run by 1, 2 or 8 threads (intra-op threads
@@ -406,6 +427,7 @@ int main(int argc, char** argv) {
   int ran = 0;
   for (const auto& c : cases) {
     if (!all && c.name != which) continue;
+    if (all && c.name.rfind("MEM/", 0) == 0) continue;  // GiBs each: bench/chunk_memory.py runs them
     if (!g_device.is_cpu() && !device_case(c.name)) {
       if (all) continue;
       std::fprintf(stderr, "torchfunc_bench: case %s runs on the CPU only\n", c.name.c_str());

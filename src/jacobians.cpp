@@ -111,7 +111,7 @@ JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
 }
 
 JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, Randomness randomness,
-                   const char* api, LeafName name) {
+                   c10::optional<int64_t> chunk_size, const char* api, LeafName name) {
   std::vector<size_t> where;
   Tensors diff_inputs;
   std::vector<int64_t> numels;
@@ -166,6 +166,7 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
   VmapConfig cfg;
   cfg.api = api;
   cfg.randomness = randomness;
+  cfg.chunk_size = chunk_size;
   Tensors r = vmap_flat(basis, in0, cfg, push, name);
   JacOut j;
   j.jac.assign(num_out, Tensors(inputs.size()));

@@ -191,7 +191,13 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, con
   // Chunked: run each slice of the batch at its own level, then concatenate.
   c10::optional<RngSnapshot> rng;
   if (cfg.randomness == Randomness::Same) rng.emplace();
+  // Outside every transform each chunk is copied into one preallocated
+  // result and freed: peak memory is the result plus one chunk (autograd
+  // tracks the copies). Inside another transform the result could not be
+  // an unwrapped tensor, so the chunks are concatenated.
+  const bool in_place = layer_depth() == 0;
   std::vector<Tensors> chunks;
+  Tensors outs;
   for (int64_t start = 0; start < batch; start += *cs) {
     if (rng && start > 0) rng->restore();
     const int64_t len = std::min(*cs, batch - start);
@@ -200,22 +206,34 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, con
     for (size_t i = 0; i < inputs.size(); ++i)
       part.push_back(dims[i] ? inputs[i].narrow(*dims[i], start, len) : inputs[i]);
     std::vector<OptDim> od;
-    chunks.push_back(vmap_once(part, dims, len, cfg, f, od));
-    TORCH_CHECK(chunks.size() == 1 || (chunks.back().size() == chunks.front().size() && od == out_dims),
-                "torchfunc::", vmap_prefix(cfg), ": f returned differently structured outputs for different "
-                "chunks of the batch.");
+    Tensors c = vmap_once(part, dims, len, cfg, f, od);
+    const bool first = start == 0;
+    TORCH_CHECK(first || (c.size() == outs.size() && od == out_dims), "torchfunc::", vmap_prefix(cfg),
+                ": f returned differently structured outputs for different chunks of the batch.");
     out_dims = std::move(od);
-  }
-  Tensors outs;
-  for (size_t k = 0; k < chunks.front().size(); ++k) {
-    if (!out_dims[k]) {
-      outs.push_back(chunks.front()[k]);
-      continue;
+    if (first) outs.resize(c.size());
+    for (size_t k = 0; k < c.size(); ++k) {
+      if (!out_dims[k]) {
+        if (first) outs[k] = c[k];
+      } else if (in_place) {
+        if (first) {
+          std::vector<int64_t> sizes = c[k].sizes().vec();
+          sizes[*out_dims[k]] = batch;
+          outs[k] = at::empty(sizes, c[k].options());
+        }
+        outs[k].narrow(*out_dims[k], start, len).copy_(c[k]);
+        c[k] = at::Tensor();
+      }
     }
+    if (!in_place) chunks.push_back(std::move(c));
+  }
+  if (in_place) return outs;
+  for (size_t k = 0; k < outs.size(); ++k) {
+    if (!out_dims[k]) continue;
     Tensors parts;
     parts.reserve(chunks.size());
     for (auto& c : chunks) parts.push_back(std::move(c[k]));
-    outs.push_back(at::cat(parts, *out_dims[k]));
+    outs[k] = at::cat(parts, *out_dims[k]);
   }
   return outs;
 }

@@ -397,3 +397,52 @@ TEST_F(TF, FallbackReportCountsAndModes) {
   func::reset_fallback_report();
   EXPECT_EQ(calls_of("aten::take"), 0);
 }
+
+// ---------------------------------------------------------------- chunked jacfwd and hessian
+
+TEST_F(TF, JacfwdAndHessianChunksEqualUnchunked) {
+  Tensor x = torch::randn({7}, torch::kDouble), y = torch::randn({7}, torch::kDouble);
+  auto f = [](const Tensor& a, const Tensor& b) { return torch::tanh(torch::outer(a, b)).sum(1) * a.exp(); };
+  auto s = [](const Tensor& a) { return torch::logsumexp(torch::outer(a, a.sin()), {0, 1}); };
+  const Tensor J = func::jacfwd(f)(x, y), H = func::hessian(s)(x);
+  expect_close(J, func::jacrev(f)(x, y), 1e-12);  // (independent of chunking)
+  for (int64_t cs : {1, 2, 3, 7, 100}) {
+    SCOPED_TRACE("chunk_size " + std::to_string(cs));
+    expect_close(func::jacfwd(f, func::JacfwdOptions().chunk_size(cs))(x, y), J, 1e-12);
+    auto [Jx, Jy] = func::jacfwd(f, func::argnums<0, 1>, func::JacfwdOptions().chunk_size(cs))(x, y);
+    expect_close(Jx, J, 1e-12);
+    expect_close(Jy, func::jacfwd(f, func::argnum<1>)(x, y), 1e-12);
+    expect_close(func::hessian(s, func::HessianOptions().chunk_size(cs))(x), H, 1e-12);
+    auto [Ha, aux] = func::hessian([&](const Tensor& a) { return std::make_pair(s(a), a.cos()); }, func::has_aux,
+                                   func::HessianOptions().chunk_size(cs))(x);
+    expect_close(Ha, H, 1e-12);
+    expect_close(aux, x.cos(), 0);
+    // Under vmap and grad (the chunks are concatenated there, not copied).
+    Tensor xs = torch::randn({3, 7}, torch::kDouble);
+    Tensor hb = func::vmap(func::hessian(s, func::HessianOptions().chunk_size(cs)))(xs);
+    for (int i = 0; i < 3; ++i) expect_close(hb[i], func::hessian(s)(xs[i]), 1e-12);
+    Tensor g = func::grad([&](const Tensor& a) { return func::jacfwd(f, func::JacfwdOptions().chunk_size(cs))(a, y).sum(); })(x);
+    expect_close(g, func::grad([&](const Tensor& a) { return func::jacfwd(f)(a, y).sum(); })(x), 1e-12);
+  }
+  EXPECT_ERROR(func::jacfwd(f, func::JacfwdOptions().chunk_size(0)), "torchfunc::jacfwd: Expected chunk_size to be a positive integer, but got 0");
+  EXPECT_ERROR(func::hessian(s, func::HessianOptions().chunk_size(-1)), "torchfunc::hessian: Expected chunk_size to be a positive integer, but got -1");
+}
+
+TEST_F(TF, ChunkedVmapOutsideTransformsKeepsAutograd) {
+  // Outside transforms chunks are copied into one result; plain autograd
+  // through that result must equal autograd through the unchunked one.
+  Tensor w = torch::randn({5, 3}, torch::kDouble).requires_grad_();
+  Tensor xs = torch::randn({9, 3}, torch::kDouble);
+  auto f = [&](const Tensor& x) { return torch::tanh(torch::mv(w, x)); };
+  Tensor a = func::vmap(f, 0, 0, func::VmapOptions().chunk_size(4))(xs);
+  auto ga = torch::autograd::grad({a.pow(2).sum()}, {w})[0];
+  Tensor b = func::vmap(f)(xs);
+  auto gb = torch::autograd::grad({b.pow(2).sum()}, {w})[0];
+  expect_close(a, b, 1e-12);
+  expect_close(ga, gb, 1e-12);
+  // and out_dims other than 0, and an unbatched output, with chunks
+  auto [p, q] = func::vmap([&](const Tensor& x) { return std::make_tuple(f(x), w.sum()); }, 0, func::out_dims(1, func::none),
+                           func::VmapOptions().chunk_size(2))(xs);
+  expect_close(p, b.t(), 1e-12);
+  expect_close(q, w.sum(), 0);
+}

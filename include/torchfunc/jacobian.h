@@ -55,7 +55,7 @@ class JacTransform {
       if constexpr (Mode == JacMode::Rev) {
         return jacrev_flat(fa.leaves, mask, flat_fn, options_.chunk_size(), api, name);
       } else {
-        return jacfwd_flat(fa.leaves, mask, flat_fn, options_.randomness(), api, name);
+        return jacfwd_flat(fa.leaves, mask, flat_fn, options_.randomness(), options_.chunk_size(), api, name);
       }
     }();
     // One block per output leaf, shaped like the selected arguments.
@@ -111,10 +111,14 @@ auto jacrev(F f, const Tags&... tags) {
 ///
 /// Mirrors torch.func.jacfwd: vmap of jvp over the columns of the identity.
 /// Better than jacrev when there are fewer inputs than outputs.
+/// JacfwdOptions().chunk_size(n): n columns per vmap call (torch.func has no
+/// such option for jacfwd).
 template <class F, class... Tags>
 auto jacfwd(F f, const Tags&... tags) {
   using P = detail::parse_tags<Tags...>;
   auto o = detail::find_option<JacfwdOptions>(tags...);
+  TORCH_CHECK(!o.chunk_size().has_value() || *o.chunk_size() > 0,
+              "torchfunc::jacfwd: Expected chunk_size to be a positive integer, but got ", *o.chunk_size(), ".");
   return detail::JacTransform<detail::JacMode::Fwd, F, typename P::sel, P::aux, JacfwdOptions>(std::move(f), o);
 }
 
@@ -122,14 +126,26 @@ auto jacfwd(F f, const Tags&... tags) {
 /// Mirrors torch.func.hessian. For scalar f of x: shape x.shape + x.shape.
 /// With has_aux (JAX's hessian(has_aux=True); torch.func has none), f returns
 /// {output, aux} and hessian returns std::pair{H, aux}.
+/// HessianOptions().chunk_size(n) chunks both levels (n rows of the inner
+/// jacrev and n columns of the outer jacfwd per vmap call): peak memory falls
+/// with n (torch.func chunks neither).
 template <class F, class... Tags>
 auto hessian(F f, const Tags&... tags) {
   using P = detail::parse_tags<Tags...>;
   constexpr const char* api = "hessian(f, ...)(*args)";  // errors name hessian, not its parts
+  const auto h = detail::find_option<HessianOptions>(tags...);
+  TORCH_CHECK(!h.chunk_size().has_value() || *h.chunk_size() > 0,
+              "torchfunc::hessian: Expected chunk_size to be a positive integer, but got ", *h.chunk_size(), ".");
+  auto ro = detail::find_option<JacrevOptions>(tags...);
+  auto fo = detail::find_option<JacfwdOptions>(tags...);
+  if (h.chunk_size()) {
+    ro.chunk_size(h.chunk_size());
+    fo.chunk_size(h.chunk_size());
+  }
   using Rev = detail::JacTransform<detail::JacMode::Rev, F, typename P::sel, P::aux, JacrevOptions>;
-  Rev rev(std::move(f), detail::find_option<JacrevOptions>(tags...), api);
-  return detail::JacTransform<detail::JacMode::Fwd, Rev, typename P::sel, P::aux, JacfwdOptions>(
-      std::move(rev), detail::find_option<JacfwdOptions>(tags...), api);
+  Rev rev(std::move(f), ro, api);
+  return detail::JacTransform<detail::JacMode::Fwd, Rev, typename P::sel, P::aux, JacfwdOptions>(std::move(rev), fo,
+                                                                                                 api);
 }
 
 }  // namespace torchfunc

@@ -153,9 +153,18 @@ struct JacrevOptions {
   TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
 };
 
-/// Options of jacfwd. Mirrors jacfwd(..., randomness=).
+/// Options of jacfwd. Mirrors jacfwd(..., randomness=); chunk_size is
+/// torchfunc's (torch.func's jacfwd has none).
 struct JacfwdOptions {
   TORCH_ARG(Randomness, randomness) = Randomness::Error;
+  /// Columns of the Jacobian computed per vmap call (memory for speed).
+  TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
+};
+
+/// Options of hessian (torch.func's hessian has none).
+struct HessianOptions {
+  /// Chunks both levels: the rows of jacrev and the columns of jacfwd.
+  TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
 };
 
 }  // namespace torchfunc

@@ -107,7 +107,7 @@ struct JacOut {
 JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
                    c10::optional<int64_t> chunk_size, const char* api, LeafName name);
 JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
-                   Randomness randomness, const char* api, LeafName name);
+                   Randomness randomness, c10::optional<int64_t> chunk_size, const char* api, LeafName name);
 
 /// Depth of this thread's functorch layer stack (tests check it is restored).
 size_t layer_depth();

@@ -31,6 +31,8 @@ template <>
 struct is_option<JacfwdOptions> : std::true_type {};
 template <>
 struct is_option<VmapOptions> : std::true_type {};
+template <>
+struct is_option<HessianOptions> : std::true_type {};
 
 template <class T>
 struct dependent_false : std::false_type {};
