@@ -111,6 +111,14 @@ int main() {
     return t;
   })(xb);
 
+  std::puts("rearrange (einops patterns, as torch.func's functorch.einops)");
+  Tensor img = torch::randn({2, 3, 4, 4});
+  check(torch::equal(func::rearrange(img, "b c h w -> b (c h w)"), img.reshape({2, 48})),
+        "rearrange(x, \"b c h w -> b (c h w)\") == x.reshape(b, -1)");
+  Tensor per_image = func::vmap([](const Tensor& one) { return func::rearrange(one, "c (h1 h) w -> h (w h1) c", {{"h1", 2}}); })(img);
+  check(torch::equal(per_image, func::rearrange(img, "b c (h1 h) w -> b h (w h1) c", {{"h1", 2}})),
+        "vmap(rearrange) == rearrange of the batch");
+
   std::puts("jvp strict and vjp_fn options (as in torch.func)");
   bool refused = false;
   try {

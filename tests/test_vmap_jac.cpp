@@ -446,3 +446,47 @@ TEST_F(TF, ChunkedVmapOutsideTransformsKeepsAutograd) {
   expect_close(p, b.t(), 1e-12);
   expect_close(q, w.sum(), 0);
 }
+
+// ---------------------------------------------------------------- rearrange
+
+TEST_F(TF, RearrangeMatchesPermuteAndReshape) {
+  Tensor x = torch::randn({2, 6, 4, 5}, torch::kDouble);
+  expect_close(func::rearrange(x, "b c h w -> b (c h w)"), x.reshape({2, -1}), 0);
+  expect_close(func::rearrange(x, "b c h w -> b h w c"), x.permute({0, 2, 3, 1}), 0);
+  expect_close(func::rearrange(x, "b c h w -> (b c) h w"), x.reshape({12, 4, 5}), 0);
+  // a composed left dimension with one inferred axis; given sizes checked
+  expect_close(func::rearrange(x, "b (c1 c) h w -> b c h (w c1)", {{"c1", 2}}),
+               x.view({2, 2, 3, 4, 5}).permute({0, 2, 3, 4, 1}).reshape({2, 3, 4, 10}), 0);
+  expect_close(func::rearrange(x, "b (c1 c2) h w -> c2 c1 b h w", {{"c1", 3}, {"c2", 2}}),
+               x.view({2, 3, 2, 4, 5}).permute({2, 1, 0, 3, 4}), 0);
+  // ellipsis, unit dimensions
+  expect_close(func::rearrange(x, "... w -> w ..."), x.movedim(-1, 0), 0);
+  expect_close(func::rearrange(x, "b ... -> b (...)"), x.flatten(1), 0);
+  expect_close(func::rearrange(x, "b c h w -> b 1 c h w ()"), x.unsqueeze(1).unsqueeze(-1), 0);
+  expect_close(func::rearrange(x.unsqueeze(1), "b 1 c h w -> b c h w"), x, 0);
+  expect_close(func::rearrange(x, "... -> ..."), x, 0);
+  // Inside transforms: vmap over the batch equals the batched pattern;
+  // grad through it is the inverse rearrangement of the cotangent.
+  expect_close(func::vmap([](const Tensor& s) { return func::rearrange(s, "c h w -> (c h) w"); })(x),
+               func::rearrange(x, "b c h w -> b (c h) w"), 0);
+  Tensor wt = torch::randn({2, 4, 5, 6}, torch::kDouble);
+  Tensor g = func::grad([&](const Tensor& s) { return (func::rearrange(s, "b c h w -> b h w c") * wt).sum(); })(x);
+  expect_close(g, wt.permute({0, 3, 1, 2}), 0);
+  const std::string p = "b c h w -> b (c h w)";
+  EXPECT_ERROR(func::rearrange(x, "b c h w"), "torchfunc::rearrange(\"b c h w\"): expected exactly one '->'");
+  EXPECT_ERROR(func::rearrange(x, "b c h -> b c h"), "the left side names 3 dimensions, but the tensor has 4");
+  EXPECT_ERROR(func::rearrange(x, "b c h w -> b c h"), "axis 'w' is on the left side but not on the right");
+  EXPECT_ERROR(func::rearrange(x, "b c h w -> b c h w z"), "axis 'z' is on the right side but not on the left");
+  EXPECT_ERROR(func::rearrange(x, "b c c w -> b c w"), "axis 'c' appears twice on the left side");
+  EXPECT_ERROR(func::rearrange(x, "b (c1 c2) h w -> b c1 c2 h w"), "more than one axis of unknown size ('c1' and 'c2')");
+  EXPECT_ERROR(func::rearrange(x, "b (c1 c) h w -> b c1 c h w", {{"c1", 4}}),
+               "the dimension (c1 c) has size 6, which is not a multiple of the product of its given sizes, 4");
+  EXPECT_ERROR(func::rearrange(x, "b c h w -> b c h w", {{"c", 5}}), "axis 'c' has size 6 in the tensor but 5 in axes_lengths");
+  EXPECT_ERROR(func::rearrange(x, "b c h w -> b c h w", {{"k", 5}}), "axes_lengths gives 'k', which the pattern does not use");
+  EXPECT_ERROR(func::rearrange(x, "b ((c h) w) -> b c h w"), "nested parentheses on the left side");
+  EXPECT_ERROR(func::rearrange(x, "b (c h w -> b c h w"), "'(' without ')' on the left side");
+  EXPECT_ERROR(func::rearrange(x, "b c h w -> ... b c h w"), "'...' on the right side only");
+  EXPECT_ERROR(func::rearrange(x, "b c 2w h -> b c h 2w"), "'2w' on the left side is not an axis name");
+  EXPECT_ERROR(func::rearrange(x, "1 c h w -> c h w"), "'1' on the left side stands for a dimension of size 1, but dimension 0 has size 2");
+  EXPECT_ERROR(func::rearrange(x, "b (...) -> b ..."), "'...' inside parentheses on the left side");
+}

@@ -17,3 +17,4 @@
 #include <torchfunc/allocator.h>
 #include <torchfunc/debug_unwrap.h>
 #include <torchfunc/fallback.h>
+#include <torchfunc/rearrange.h>
