@@ -41,14 +41,7 @@ class JacTransform {
     std::optional<R> out;
     auto flat_fn = [&](Tensors& in, FlatResult& res) {
       out.emplace(call_rebuilt(f_, like, in));
-      if constexpr (Aux) {
-        flatten_into(primary_of(*out), res.leaves);
-        res.num_primary = res.leaves.size();
-        flatten_into(aux_of(*out), res.leaves);
-      } else {
-        flatten_into(*out, res.leaves);
-        res.num_primary = res.leaves.size();
-      }
+      flatten_result<Aux>(*out, res);
     };
     auto name = [&](size_t i) { return leaf_path(like, i, "args"); };
     JacOut j = [&] {
@@ -63,13 +56,7 @@ class JacTransform {
     std::vector<Block> blocks;
     blocks.reserve(j.jac.size());
     for (const auto& row : j.jac) blocks.push_back(select_args(Sel{}, like, fa, row));
-    const Out& out_like = [&]() -> const Out& {
-      if constexpr (Aux) {
-        return primary_of(*out);
-      } else {
-        return *out;
-      }
-    }();
+    const Out& out_like = primary_part<Aux>(*out);
     const Block* bit = blocks.data();
     auto result = map_leaves<Block>(out_like, bit);
     if constexpr (Aux) {

@@ -38,24 +38,11 @@ auto jvp_impl(const F& f, const std::tuple<P...>& primals, const std::tuple<P...
   std::optional<R> out;
   auto flat_fn = [&](Tensors& in, FlatResult& res) {
     out.emplace(call_rebuilt(f, primals, in));
-    if constexpr (Aux) {
-      flatten_into(primary_of(*out), res.leaves);
-      res.num_primary = res.leaves.size();
-      flatten_into(aux_of(*out), res.leaves);
-    } else {
-      flatten_into(*out, res.leaves);
-      res.num_primary = res.leaves.size();
-    }
+    flatten_result<Aux>(*out, res);
   };
   auto name = [&](size_t i) { return leaf_path(primals, i, "primals"); };
   JvpOut j = jvp_flat(fa.leaves, mask, tans, flat_fn, api, name, options.strict());
-  const auto& out_like = [&]() -> const Out& {
-    if constexpr (Aux) {
-      return primary_of(*out);
-    } else {
-      return *out;
-    }
-  }();
+  const Out& out_like = primary_part<Aux>(*out);
   const at::Tensor* it = j.outputs.data();
   Out primal_out = unflatten(out_like, it);
   it = j.tangents.data();
@@ -152,25 +139,12 @@ auto linearize_impl(const F& f, const Primals&... primals) {
   std::optional<R> out;
   auto flat_fn = [&](Tensors& in, FlatResult& res) {
     out.emplace(call_rebuilt(f, like, in));
-    if constexpr (Aux) {
-      flatten_into(primary_of(*out), res.leaves);
-      res.num_primary = res.leaves.size();
-      flatten_into(aux_of(*out), res.leaves);
-    } else {
-      flatten_into(*out, res.leaves);
-      res.num_primary = res.leaves.size();
-    }
+    flatten_result<Aux>(*out, res);
   };
   auto name = [&](size_t i) { return leaf_path(like, i, "primals"); };
   LinearizeOut l = linearize_flat(fa.leaves, flat_fn, name);
   const at::Tensor* it = l.outputs.data();
-  const Out& out_struct = [&]() -> const Out& {
-    if constexpr (Aux) {
-      return primary_of(*out);
-    } else {
-      return *out;
-    }
-  }();
+  const Out& out_struct = primary_part<Aux>(*out);
   Out output = unflatten(out_struct, it);
   auto out_like = std::make_shared<const Out>(output);
   LinearizeFn<Out, Primals...> fn(out_like, primals_copy, l.state);

@@ -81,25 +81,12 @@ struct VjpBuilder {
     std::optional<R> out;
     auto flat_fn = [&](Tensors& in, FlatResult& res) {
       out.emplace(call_rebuilt(f, like, in));
-      if constexpr (Aux) {
-        flatten_into(primary_of(*out), res.leaves);
-        res.num_primary = res.leaves.size();
-        flatten_into(aux_of(*out), res.leaves);
-      } else {
-        flatten_into(*out, res.leaves);
-        res.num_primary = res.leaves.size();
-      }
+      flatten_result<Aux>(*out, res);
     };
     auto name = [&](size_t i) { return leaf_path(like, i, "primals"); };
     VjpOut v = vjp_flat(fa.leaves, mask, flat_fn, "vjp(f, *primals)", name);
     const at::Tensor* it = v.outputs.data();
-    Out outputs = [&] {
-      if constexpr (Aux) {
-        return unflatten(primary_of(*out), it);
-      } else {
-        return unflatten(*out, it);
-      }
-    }();
+    Out outputs = unflatten(primary_part<Aux>(*out), it);
     // The pullback keeps the output's structure, not its (wrapped) values.
     auto out_like = std::make_shared<const Out>(outputs);
     VjpFn<Out, Primals...> fn(out_like, primals_copy,

@@ -197,6 +197,24 @@ const auto& aux_of(const R& r) {
   return std::get<1>(r);
 }
 
+/// f's primary output: the whole result, or its first part with has_aux.
+template <bool Aux, class R>
+const auto& primary_part(const R& r) {
+  if constexpr (Aux) {
+    return primary_of(r);
+  } else {
+    return r;
+  }
+}
+
+/// Flattens f's result into res: the primary leaves, then (has_aux) the aux leaves.
+template <bool Aux, class R>
+void flatten_result(const R& r, FlatResult& res) {
+  flatten_into(primary_part<Aux>(r), res.leaves);
+  res.num_primary = res.leaves.size();
+  if constexpr (Aux) flatten_into(aux_of(r), res.leaves);
+}
+
 // ---- in_dims / out_dims ---------------------------------------------------
 
 
