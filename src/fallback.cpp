@@ -36,7 +36,7 @@ std::string fallback_op(const std::string& msg) {
 
 class FallbackCounter : public compat::WarningFilter {
  public:
-  explicit FallbackCounter(std::string api) : api_(std::move(api)) {}
+  explicit FallbackCounter(std::function<std::string()> describe) : describe_(std::move(describe)) {}
   bool pass(const std::string& msg) override {
     const std::string op = fallback_op(msg);
     if (op.empty()) return true;
@@ -52,13 +52,13 @@ class FallbackCounter : public compat::WarningFilter {
       case FallbackMode::Error:
         break;
     }
-    TORCH_CHECK(false, "torchfunc::", api_, ": ", op, " has no batching rule, so libtorch would run it once per "
+    TORCH_CHECK(false, "torchfunc::", describe_(), ": ", op, " has no batching rule, so libtorch would run it once per "
                 "sample (its slow fallback); this is an error because set_fallback_mode(FallbackMode::Error) is in "
                 "effect.");
   }
 
  private:
-  std::string api_;
+  std::function<std::string()> describe_;
 };
 
 thread_local bool t_counting = false;
@@ -67,9 +67,9 @@ thread_local bool t_counting = false;
 
 namespace detail {
 
-FallbackScope::FallbackScope(const std::string& api) {
+FallbackScope::FallbackScope(const std::function<std::string()>& describe) {
   if (t_counting) return;  // the outermost vmap of this thread counts for all
-  counter_ = std::make_unique<FallbackCounter>(api);
+  counter_ = std::make_unique<FallbackCounter>(describe);
   t_counting = true;
 }
 FallbackScope::~FallbackScope() {

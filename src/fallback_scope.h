@@ -2,6 +2,7 @@
 // torchfunc vmap level runs (src/fallback.cpp).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -11,10 +12,11 @@ namespace torchfunc {
 namespace detail {
 
 /// Installs this thread's fallback counter while alive (once per thread:
-/// nested vmaps share the outermost one). `api` names the transform in errors.
+/// nested vmaps share the outermost one). `describe` names the transform in
+/// errors; it is called only then (vmap calls this on every level).
 class FallbackScope {
  public:
-  explicit FallbackScope(const std::string& api);
+  explicit FallbackScope(const std::function<std::string()>& describe);
   ~FallbackScope();
   FallbackScope(const FallbackScope&) = delete;
   FallbackScope& operator=(const FallbackScope&) = delete;

@@ -96,7 +96,7 @@ Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_
     batched.push_back(dims[i] ? ft::addBatchDim(inputs[i], *dims[i], lvl) : inputs[i]);
   FlatResult res;
   try {
-    FallbackScope count_fallbacks(vmap_prefix(cfg));
+    FallbackScope count_fallbacks([&cfg] { return vmap_prefix(cfg); });
     f(batched, res);
   } catch (c10::Error& e) {
     add_hint(e, cfg);
