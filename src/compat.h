@@ -85,6 +85,11 @@ inline int64_t push_grad_layer(bool prev_grad_mode) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Grad, c10::nullopt, c10::nullopt, prev_grad_mode);
 }
 
+inline int64_t push_functionalize_layer(bool add_back_views) {
+  return ft::initAndPushDynamicLayer(ft::TransformType::Functionalize, c10::nullopt, c10::nullopt, c10::nullopt,
+                                     c10::nullopt, add_back_views);
+}
+
 inline int64_t push_jvp_layer(bool prev_fwd_grad_mode) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Jvp, c10::nullopt, c10::nullopt, c10::nullopt,
                                      prev_fwd_grad_mode);

@@ -78,6 +78,14 @@ FallbackScope::~FallbackScope() {
   t_counting = false;
 }
 
+void count_own_fallback(const std::string& op, const std::string& describe) {
+  TORCH_CHECK(g_mode.load() != FallbackMode::Error, "torchfunc::", describe, ": ", op,
+              ": f ran once per sample; this is an error because set_fallback_mode(FallbackMode::Error) is in "
+              "effect.");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ++counts()[op];
+}
+
 }  // namespace detail
 
 std::vector<FallbackEntry> fallback_report() {

@@ -25,5 +25,10 @@ class FallbackScope {
   std::unique_ptr<compat::WarningFilter> counter_;  // null in nested scopes
 };
 
+/// Counts one call of a torchfunc-made fallback (vmap's sequential
+/// fallback) under `op` in fallback_report(); under FallbackMode::Error
+/// raises instead, naming `describe` and `op`.
+void count_own_fallback(const std::string& op, const std::string& describe);
+
 }  // namespace detail
 }  // namespace torchfunc

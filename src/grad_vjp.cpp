@@ -46,7 +46,7 @@ GradOut grad_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f
 
 
 VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, const char* api,
-                LeafName name) {
+                LeafName name, const char* fn_api) {
   AutodiffScope autodiff;
   const bool prev_grad_mode = c10::GradMode::is_enabled();
   LayerGuard layer(api, [&] { return compat::push_grad_layer(prev_grad_mode); });
@@ -54,6 +54,7 @@ VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, 
   c10::AutoGradMode enable_grad(true);  // Note [grad and vjp interaction with no_grad]
 
   auto state = std::make_shared<VjpState>();
+  state->api = fn_api;
   state->num_inputs = inputs.size();
   Tensors wrapped = wrap_for_grad(inputs, diff, lvl, api, name, state->inputs);
   for (size_t i = 0; i < inputs.size(); ++i)
@@ -81,14 +82,14 @@ VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, 
 
 Tensors vjp_apply(VjpState& s, const Tensors& cts, LeafName ct_name, bool retain_graph,
                   c10::optional<bool> create_graph) {
-  TORCH_CHECK(!s.freed, "torchfunc::vjp(f, *primals): vjp_fn(cotangents): this vjp_fn's graph was freed by an "
+  TORCH_CHECK(!s.freed, "torchfunc::", s.api, ": this vjp_fn's graph was freed by an "
               "earlier call with VjpFnOptions().retain_graph(false); call vjp again, or keep retain_graph "
               "true for every call but the last.");
-  TORCH_CHECK(cts.size() == s.outputs.size(), "torchfunc::vjp(f, *primals): vjp_fn(cotangents): Expected ",
+  TORCH_CHECK(cts.size() == s.outputs.size(), "torchfunc::", s.api, ": Expected ",
               s.outputs.size(), " cotangent Tensors (one per output of f), got ", cts.size(), ".");
   for (size_t k = 0; k < cts.size(); ++k) {
-    TORCH_CHECK(cts[k].defined(), "torchfunc::vjp(f, *primals): vjp_fn(cotangents): ", ct_name(k), " is an undefined Tensor.");
-    TORCH_CHECK(cts[k].sizes().vec() == s.out_sizes[k], "torchfunc::vjp(f, *primals): vjp_fn(cotangents): Expected ",
+    TORCH_CHECK(cts[k].defined(), "torchfunc::", s.api, ": ", ct_name(k), " is an undefined Tensor.");
+    TORCH_CHECK(cts[k].sizes().vec() == s.out_sizes[k], "torchfunc::", s.api, ": Expected ",
                 ct_name(k), " to have the shape of the corresponding output of f, ",
                 shape_str(s.out_sizes[k]), ", but got ", shape_str(cts[k].sizes()), ".");
   }

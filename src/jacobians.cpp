@@ -44,13 +44,14 @@ void check_real_for_jacobian(const at::Tensor& t, const char* api, const char* w
 }
 }  // namespace
 
-JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
-                   c10::optional<int64_t> chunk_size, const char* api, LeafName name) {
-  TORCH_CHECK(!chunk_size || *chunk_size > 0, "torchfunc::", api,
-              ": Expected chunk_size to be a positive integer.");
+namespace {
+void check_real_inputs(const Tensors& inputs, const std::vector<char>& diff, const char* api, LeafName name) {
   for (size_t i = 0; i < inputs.size(); ++i)
     if (diff[i] && inputs[i].defined()) check_real_for_jacobian(inputs[i], api, "inputs", name(i));
-  VjpOut v = vjp_flat(inputs, diff, f, api, name);
+}
+
+/// jacrev after its vjp: vmap of the pullback over the rows of the identity.
+JacOut jacrev_from_vjp(VjpOut v, const Tensors& inputs, c10::optional<int64_t> chunk_size, const char* api) {
   const Tensors& outs = v.outputs;
   for (size_t k = 0; k < outs.size(); ++k)
     check_real_for_jacobian(outs[k], api, "outputs", "output " + std::to_string(k));
@@ -108,6 +109,15 @@ JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
       j.jac[k][where[q]] = parts[k].reshape(concat_shapes(outs[k].sizes(), in.sizes()));
   }
   return j;
+}
+}  // namespace
+
+JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
+                   c10::optional<int64_t> chunk_size, const char* api, LeafName name) {
+  TORCH_CHECK(!chunk_size || *chunk_size > 0, "torchfunc::", api,
+              ": Expected chunk_size to be a positive integer.");
+  check_real_inputs(inputs, diff, api, name);
+  return jacrev_from_vjp(vjp_flat(inputs, diff, f, api, name), inputs, chunk_size, api);
 }
 
 JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, Randomness randomness,
@@ -180,6 +190,33 @@ JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
   return j;
 }
 
+JacOut jacobian_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, const JacobianOptions& o,
+                     const char* api, LeafName name) {
+  TORCH_CHECK(!o.chunk_size() || *o.chunk_size() > 0, "torchfunc::", api,
+              ": Expected chunk_size to be a positive integer.");
+  if (o.mode() == JacobianMode::Forward) return jacfwd_flat(inputs, diff, f, o.randomness(), o.chunk_size(), api, name);
+  if (o.mode() == JacobianMode::Reverse) return jacrev_flat(inputs, diff, f, o.chunk_size(), api, name);
+  // Auto: the output size is known only once f has run, so run it as
+  // reverse mode's vjp does; keep that vjp when reverse mode wins, drop it
+  // (one wasted forward pass) when forward mode does.
+  check_real_inputs(inputs, diff, api, name);
+  VjpOut v = vjp_flat(inputs, diff, f, api, name);
+  int64_t in_numel = 0, out_numel = 0;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (diff[i]) in_numel += inputs[i].numel();
+  for (const auto& out : v.outputs) out_numel += out.numel();
+  if (jacobian_mode(in_numel, out_numel) == JacobianMode::Reverse)
+    return jacrev_from_vjp(std::move(v), inputs, o.chunk_size(), api);
+  v = VjpOut{};  // frees the recorded graph before the forward-mode pass
+  return jacfwd_flat(inputs, diff, f, o.randomness(), o.chunk_size(), api, name);
+}
 
 }  // namespace detail
+
+JacobianMode jacobian_mode(int64_t in_numel, int64_t out_numel) {
+  // bench/jacobian_crossover.py measures where forward and reverse mode
+  // cost the same (ratio out/in); reverse mode wins below it.
+  return double(out_numel) <= kJacobianCrossover * double(in_numel) ? JacobianMode::Reverse : JacobianMode::Forward;
+}
+
 }  // namespace torchfunc

@@ -141,6 +141,7 @@ struct VjpState {
   size_t num_inputs = 0;
   std::vector<std::vector<int64_t>> out_sizes;
   bool freed = false;  // a call with retain_graph(false) released the graph
+  const char* api = "vjp(f, *primals): vjp_fn(cotangents)";  // what errors call the pullback
 };
 
 }  // namespace detail

@@ -140,6 +140,90 @@ Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_
   return outs;
 }
 
+/// Why libtorch could not batch f, when the reason is that f depends on the
+/// data (what sequential_fallback loops over); null for any other error.
+const char* data_dependent_reason(const std::string& msg) {
+  if (msg.find("calling .item() on a Tensor") != std::string::npos) return ".item()";
+  if (msg.find("data-dependent control flow") != std::string::npos) return "data-dependent control flow";
+  if (msg.find("dynamic shape") != std::string::npos || msg.find("differently shaped") != std::string::npos)
+    return "data-dependent shape";
+  if (msg.find("We could not generate a fallback") != std::string::npos) return "no batching rule or fallback";
+  if (msg.find("would take different paths for different samples") != std::string::npos)
+    return "torch::equal differing between samples";
+  return nullptr;
+}
+
+/// f once per sample, outside any new level, the results stacked at their
+/// out_dims: what vmap means, computed as a loop.
+Tensors vmap_sequential(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch,
+                        const VmapConfig& cfg, FlatFn f, std::vector<OptDim>& out_dims,
+                        const c10::optional<RngSnapshot>& rng) {
+  std::vector<Tensors> per_output;
+  for (int64_t i = 0; i < batch; ++i) {
+    if (rng && cfg.randomness == Randomness::Same) rng->restore();  // every sample draws the same
+    Tensors sample;
+    sample.reserve(inputs.size());
+    for (size_t j = 0; j < inputs.size(); ++j) sample.push_back(dims[j] ? inputs[j].select(*dims[j], i) : inputs[j]);
+    FlatResult res;
+    f(sample, res);
+    TORCH_INTERNAL_ASSERT(res.out_dims.size() == res.leaves.size());
+    if (i == 0) {
+      per_output.resize(res.leaves.size());
+      out_dims.assign(res.leaves.size(), c10::nullopt);
+    }
+    TORCH_CHECK(res.leaves.size() == per_output.size(), "torchfunc::", vmap_prefix(cfg),
+                ": with sequential_fallback, f returned differently structured outputs for different samples.");
+    for (size_t k = 0; k < res.leaves.size(); ++k) {
+      const at::Tensor& t = res.leaves[k];
+      TORCH_CHECK(t.defined(), "torchfunc::", vmap_prefix(cfg), "(<inputs>): output ", k,
+                  " of f is an undefined Tensor.");
+      if (i == 0 && res.out_dims[k]) {
+        const int64_t rank = t.dim() + 1;
+        int64_t d = *res.out_dims[k];
+        TORCH_CHECK(d >= -rank && d < rank, "torchfunc::", vmap_prefix(cfg), "(<inputs>): out_dim=", d,
+                    " for output ", k, " is out of range: the output has ", t.dim(),
+                    " dims per sample, so out_dim must satisfy ", -rank, " <= out_dim < ", rank, ".");
+        out_dims[k] = d < 0 ? d + rank : d;
+      }
+      if (i == 0 || out_dims[k]) per_output[k].push_back(t);
+    }
+  }
+  Tensors outs;
+  for (size_t k = 0; k < per_output.size(); ++k) {
+    if (!out_dims[k]) {
+      outs.push_back(per_output[k][0]);
+      continue;
+    }
+    // Differing shapes (nonzero's) cannot be stacked: say so in vmap's terms.
+    for (const auto& t : per_output[k])
+      TORCH_CHECK(t.sizes() == per_output[k][0].sizes(), "torchfunc::", vmap_prefix(cfg), ": with "
+                  "sequential_fallback, output ", k, " of f has shape ", t.sizes(), " for one sample and ",
+                  per_output[k][0].sizes(), " for sample 0; vmap's result stacks them, so every sample's output "
+                  "must have the same shape.");
+    outs.push_back(at::stack(per_output[k], *out_dims[k]));
+  }
+  return outs;
+}
+
+/// One vmap level, or with sequential_fallback and an f that depends on
+/// the data, a loop over the samples.
+Tensors vmap_level(const Tensors& inputs, const std::vector<OptDim>& dims, int64_t batch, const VmapConfig& cfg,
+                   FlatFn f, std::vector<OptDim>& out_dims) {
+  if (!cfg.sequential_fallback) return vmap_once(inputs, dims, batch, cfg, f, out_dims);
+  c10::optional<RngSnapshot> rng;
+  if (cfg.randomness != Randomness::Error) rng.emplace();
+  const char* reason = nullptr;
+  try {
+    return vmap_once(inputs, dims, batch, cfg, f, out_dims);
+  } catch (const c10::Error& e) {
+    reason = data_dependent_reason(e.msg());
+    if (!reason) throw;
+  }
+  count_own_fallback(std::string("vmap sequential fallback: ") + reason, vmap_prefix(cfg));
+  if (rng) rng->restore();  // the failed batched attempt drew nothing for the loop
+  return vmap_sequential(inputs, dims, batch, cfg, f, out_dims, rng);
+}
+
 }  // namespace
 
 Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, const VmapConfig& cfg, FlatFn f,
@@ -186,7 +270,7 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, con
   const auto cs = cfg.chunk_size;
   TORCH_CHECK(!cs || *cs > 0, "torchfunc::", vmap_prefix(cfg), ": chunk_size must be a positive integer, got ",
               cs ? *cs : 0, ".");
-  if (!cs || *cs >= batch) return vmap_once(inputs, dims, batch, cfg, f, out_dims);
+  if (!cs || *cs >= batch) return vmap_level(inputs, dims, batch, cfg, f, out_dims);
 
   // Chunked: run each slice of the batch at its own level, then concatenate.
   c10::optional<RngSnapshot> rng;
@@ -206,7 +290,7 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims, con
     for (size_t i = 0; i < inputs.size(); ++i)
       part.push_back(dims[i] ? inputs[i].narrow(*dims[i], start, len) : inputs[i]);
     std::vector<OptDim> od;
-    Tensors c = vmap_once(part, dims, len, cfg, f, od);
+    Tensors c = vmap_level(part, dims, len, cfg, f, od);
     const bool first = start == 0;
     TORCH_CHECK(first || (c.size() == outs.size() && od == out_dims), "torchfunc::", vmap_prefix(cfg),
                 ": f returned differently structured outputs for different chunks of the batch.");

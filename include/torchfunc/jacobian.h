@@ -12,7 +12,7 @@
 namespace torchfunc {
 namespace detail {
 
-enum class JacMode { Rev, Fwd };
+enum class JacMode { Rev, Fwd, Auto };
 
 template <JacMode Mode, class F, class Sel, bool Aux, class Options>
 class JacTransform {
@@ -33,7 +33,10 @@ class JacTransform {
     }
     static_assert(only_tensor_leaves<Out>(),
                   "torchfunc::jacrev/jacfwd: f must return a Tensor or a container of Tensors.");
-    const char* api = api_ ? api_ : Mode == JacMode::Rev ? "jacrev(f, ...)(*args)" : "jacfwd(f, ...)(*args)";
+    const char* api = api_                     ? api_
+                      : Mode == JacMode::Rev   ? "jacrev(f, ...)(*args)"
+                      : Mode == JacMode::Fwd   ? "jacfwd(f, ...)(*args)"
+                                               : "jacobian(f, ...)(*args)";
 
     const auto like = std::forward_as_tuple(args...);
     const auto fa = flatten_args(like);
@@ -47,8 +50,10 @@ class JacTransform {
     JacOut j = [&] {
       if constexpr (Mode == JacMode::Rev) {
         return jacrev_flat(fa.leaves, mask, flat_fn, options_.chunk_size(), api, name);
-      } else {
+      } else if constexpr (Mode == JacMode::Fwd) {
         return jacfwd_flat(fa.leaves, mask, flat_fn, options_.randomness(), options_.chunk_size(), api, name);
+      } else {
+        return jacobian_flat(fa.leaves, mask, flat_fn, options_, api, name);
       }
     }();
     // One block per output leaf, shaped like the selected arguments.
@@ -107,6 +112,23 @@ auto jacfwd(F f, const Tags&... tags) {
   TORCH_CHECK(!o.chunk_size().has_value() || *o.chunk_size() > 0,
               "torchfunc::jacfwd: Expected chunk_size to be a positive integer, but got ", *o.chunk_size(), ".");
   return detail::JacTransform<detail::JacMode::Fwd, F, typename P::sel, P::aux, JacfwdOptions>(std::move(f), o);
+}
+
+/// jacobian(f, [argnum<I> | argnums<I...>], [has_aux], [JacobianOptions])(args...)
+///
+/// jacrev or jacfwd, whichever jacobian_mode() picks for the sizes at hand;
+/// same result shapes. Auto mode runs f once (as reverse mode's vjp) to learn
+/// the output size, so a call that picks forward mode evaluates f once more
+/// than jacfwd would. JacobianOptions().mode(JacobianMode::Forward | Reverse)
+/// forces a mode. torch.func has no such transform.
+///   auto J = jacobian(f)(x);
+template <class F, class... Tags>
+auto jacobian(F f, const Tags&... tags) {
+  using P = detail::parse_tags<Tags...>;
+  auto o = detail::find_option<JacobianOptions>(tags...);
+  TORCH_CHECK(!o.chunk_size().has_value() || *o.chunk_size() > 0,
+              "torchfunc::jacobian: Expected chunk_size to be a positive integer, but got ", *o.chunk_size(), ".");
+  return detail::JacTransform<detail::JacMode::Auto, F, typename P::sel, P::aux, JacobianOptions>(std::move(f), o);
 }
 
 /// hessian(f, [argnum<I> | argnums<I...>], [has_aux])(args...) = jacfwd(jacrev(f, a), a).

@@ -126,6 +126,15 @@ struct VmapOptions {
   /// axis_size; torch.func has none and errors). With mapped inputs it must
   /// equal their size.
   TORCH_ARG(c10::optional<int64_t>, axis_size) = c10::nullopt;
+  /// When f cannot be batched because it depends on the data (.item(), a
+  /// branch on a Tensor's value, an op with a data-dependent shape such as
+  /// nonzero, or an op with neither batching rule nor fallback such as
+  /// equal), run f once per sample and stack the results instead of
+  /// raising libtorch's error (torch.func has none; JAX's is per function).
+  /// Each chunk decides on its own. Counted in fallback_report() as
+  /// "vmap sequential fallback: <reason>"; FallbackMode::Error makes it an
+  /// error. out_dim none outputs are taken from the first sample.
+  TORCH_ARG(bool, sequential_fallback) = false;
 };
 
 /// Options of a vjp_fn call. Mirrors vjp_fn(cotangents, retain_graph=True,
@@ -159,6 +168,39 @@ struct JacfwdOptions {
   TORCH_ARG(Randomness, randomness) = Randomness::Error;
   /// Columns of the Jacobian computed per vmap call (memory for speed).
   TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
+};
+
+/// What functionalize removes. Mirrors functionalize(remove="mutations" |
+/// "mutations_and_views").
+enum class Remove {
+  Mutations,          // in-place ops become out-of-place ones; views stay views
+  MutationsAndViews,  // views become *_copy ops too: no output aliases anything
+};
+
+/// Options of functionalize.
+struct FunctionalizeOptions {
+  TORCH_ARG(Remove, remove) = Remove::Mutations;
+};
+
+/// Which mode jacobian() uses. Auto picks by the rule of jacobian_mode().
+enum class JacobianMode { Auto, Forward, Reverse };
+
+/// The mode jacobian() picks for a Jacobian with in_numel inputs (selected
+/// arguments, all leaves) and out_numel outputs: Reverse when out_numel <=
+/// kJacobianCrossover * in_numel, else Forward. Reverse mode costs one
+/// pullback per output element, forward mode one tangent pass per input
+/// element; the constant is where their measured costs cross
+/// (bench/jacobian_crossover.py).
+inline constexpr double kJacobianCrossover = 1.0;
+JacobianMode jacobian_mode(int64_t in_numel, int64_t out_numel);
+
+/// Options of jacobian (torch.func has no such transform; JAX's jacobian
+/// is jacrev). chunk_size: rows (reverse) or columns (forward) per vmap
+/// call; randomness: as jacfwd's, used in forward mode only.
+struct JacobianOptions {
+  TORCH_ARG(JacobianMode, mode) = JacobianMode::Auto;
+  TORCH_ARG(c10::optional<int64_t>, chunk_size) = c10::nullopt;
+  TORCH_ARG(Randomness, randomness) = Randomness::Error;
 };
 
 /// Options of hessian (torch.func's hessian has none).

@@ -18,3 +18,5 @@
 #include <torchfunc/debug_unwrap.h>
 #include <torchfunc/fallback.h>
 #include <torchfunc/rearrange.h>
+#include <torchfunc/linear_transpose.h>
+#include <torchfunc/functionalize.h>

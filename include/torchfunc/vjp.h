@@ -7,6 +7,8 @@ namespace torchfunc {
 namespace detail {
 template <class F, class... Primals>
 struct VjpBuilder;
+inline constexpr const char* kVjpApi = "vjp(f, *primals)";
+inline constexpr const char* kVjpFnApi = "vjp(f, *primals): vjp_fn(cotangents)";
 }  // namespace detail
 
 /// The pullback returned by vjp: vjp_fn(cotangents) -> std::tuple of one
@@ -22,7 +24,7 @@ class VjpFn {
   std::tuple<Primals...> operator()(const Out& cotangents, const VjpFnOptions& options = {}) const {
     if (auto err = detail::structure_mismatch(*out_like_, cotangents, detail::Path{nullptr, "", "cotangents"});
         !err.empty()) {
-      detail::fail("vjp(f, *primals): vjp_fn(cotangents): Expected the cotangents to have the same structure as the "
+      detail::fail(std::string(api_) + ": Expected the cotangents to have the same structure as the "
                    "outputs of f, but they differ " + err + ".");
     }
     detail::Tensors cts = tree_flatten(cotangents);
@@ -35,11 +37,12 @@ class VjpFn {
   template <class, class...>
   friend struct detail::VjpBuilder;
   VjpFn(std::shared_ptr<const Out> out_like, std::shared_ptr<const std::tuple<Primals...>> primals,
-        std::vector<size_t> offsets, std::shared_ptr<detail::VjpState> state)
+        std::vector<size_t> offsets, std::shared_ptr<detail::VjpState> state, const char* api)
       : out_like_(std::move(out_like)),
         primals_(std::move(primals)),
         offsets_(std::move(offsets)),
-        state_(std::move(state)) {}
+        state_(std::move(state)),
+        api_(api) {}
 
   template <size_t... I>
   std::tuple<Primals...> rebuild(const detail::Tensors& grads, std::index_sequence<I...>) const {
@@ -55,13 +58,15 @@ class VjpFn {
   std::shared_ptr<const std::tuple<Primals...>> primals_;  // structure of the primals
   std::vector<size_t> offsets_;
   std::shared_ptr<detail::VjpState> state_;
+  const char* api_;  // what errors call this function
 };
 
 namespace detail {
 template <class F, class... Primals>
 struct VjpBuilder {
+  /// api: what errors call the transform; fn_api: what they call vjp_fn.
   template <bool Aux>
-  static auto run(const F& f, const Primals&... primals) {
+  static auto run(const F& f, const char* api, const char* fn_api, const Primals&... primals) {
     static_assert(sizeof...(Primals) > 0, "torchfunc::vjp: pass at least one primal: vjp(f, x).");
     using R = result_t<F, Primals...>;
     using Out = std::conditional_t<Aux, typename aux_split<R>::out, R>;
@@ -84,13 +89,13 @@ struct VjpBuilder {
       flatten_result<Aux>(*out, res);
     };
     auto name = [&](size_t i) { return leaf_path(like, i, "primals"); };
-    VjpOut v = vjp_flat(fa.leaves, mask, flat_fn, "vjp(f, *primals)", name);
+    VjpOut v = vjp_flat(fa.leaves, mask, flat_fn, api, name, fn_api);
     const at::Tensor* it = v.outputs.data();
     Out outputs = unflatten(primary_part<Aux>(*out), it);
     // The pullback keeps the output's structure, not its (wrapped) values.
     auto out_like = std::make_shared<const Out>(outputs);
     VjpFn<Out, Primals...> fn(out_like, primals_copy,
-                              std::vector<size_t>(fa.offsets.begin(), fa.offsets.end()), v.state);
+                              std::vector<size_t>(fa.offsets.begin(), fa.offsets.end()), v.state, fn_api);
     if constexpr (Aux) {
       const at::Tensor* ait = v.aux.data();
       auto aux = unflatten(aux_of(*out), ait);
@@ -113,11 +118,11 @@ struct VjpBuilder {
 ///   auto [gx] = vjp_fn(torch::ones_like(y));
 template <class F, class... Primals>
 auto vjp(F f, const Primals&... primals) {
-  return detail::VjpBuilder<F, Primals...>::template run<false>(f, primals...);
+  return detail::VjpBuilder<F, Primals...>::template run<false>(f, detail::kVjpApi, detail::kVjpFnApi, primals...);
 }
 template <class F, class... Primals>
 auto vjp(F f, has_aux_t, const Primals&... primals) {
-  return detail::VjpBuilder<F, Primals...>::template run<true>(f, primals...);
+  return detail::VjpBuilder<F, Primals...>::template run<true>(f, detail::kVjpApi, detail::kVjpFnApi, primals...);
 }
 
 }  // namespace torchfunc

@@ -19,6 +19,7 @@ inline std::string describe_vmap(const void* p) {
   if (s.options.chunk_size()) r += ", chunk_size=" + std::to_string(*s.options.chunk_size());
   if (s.options.randomness() == Randomness::Same) r += ", randomness=same";
   if (s.options.randomness() == Randomness::Different) r += ", randomness=different";
+  if (s.options.sequential_fallback()) r += ", sequential_fallback=true";
   return r + ")";
 }
 
@@ -60,6 +61,7 @@ class VmapTransform {
     cfg.chunk_size = spec_.options.chunk_size();
     cfg.randomness = spec_.options.randomness();
     cfg.axis_size = spec_.options.axis_size();
+    cfg.sequential_fallback = spec_.options.sequential_fallback();
     cfg.describe = &describe_vmap;
     cfg.describe_arg = &spec_;
     auto name = [&](size_t i) { return leaf_path(like, i, "args"); };
@@ -114,7 +116,8 @@ void vmap_parse(VmapSpec& s, int& positional, A&& a, Rest&&... rest) {
 /// (a bare value as the second positional argument, or `out_dims(...)`).
 /// Options: chunk_size, randomness, axis_size (the batch size when nothing
 /// is mapped: vmap(f, none, 0, VmapOptions().axis_size(8))(w) runs f for a
-/// batch of 8, e.g. 8 random draws with Randomness::Different).
+/// batch of 8, e.g. 8 random draws with Randomness::Different),
+/// sequential_fallback (a loop over the samples where f depends on the data).
 ///   auto ys = vmap(model_fn, in_dims(none, 0))(weights, xs);
 ///   auto per_sample = vmap(grad(loss), in_dims(none, 0, 0))(w, xs, ys);
 template <class F, class... Opts>

@@ -55,12 +55,20 @@ struct VjpOut {
   Tensors aux;      // aux leaves, unwrapped
   std::shared_ptr<VjpState> state;
 };
+/// fn_api: what vjp_apply's errors call the pullback.
 VjpOut vjp_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
-                const char* api, LeafName name);
+                const char* api, LeafName name, const char* fn_api = "vjp(f, *primals): vjp_fn(cotangents)");
 /// Gradients aligned with the vjp's inputs (undefined where not diff).
 /// create_graph unset: whether grad mode is on.
 Tensors vjp_apply(VjpState& state, const Tensors& cotangents, LeafName ct_name, bool retain_graph = true,
                   c10::optional<bool> create_graph = c10::nullopt);
+
+// ---- linear_transpose ----------------------------------------------------
+/// Raises unless f looks linear: f(0) (zero_out, from the vjp at zero) is
+/// zero and f(a x + y) = a f(x) + f(y) at random x, y (seeded, the user's
+/// generator untouched). eval(in) -> f's output leaves.
+void check_linear(const Tensors& primals, const Tensors& zero_out,
+                  c10::function_ref<Tensors(const Tensors&)> eval, const char* api);
 
 // ---- jvp -----------------------------------------------------------------
 struct JvpOut {
@@ -89,12 +97,19 @@ struct VmapConfig {
   c10::optional<int64_t> chunk_size;
   Randomness randomness = Randomness::Error;
   c10::optional<int64_t> axis_size;  // the batch size when nothing is mapped
+  bool sequential_fallback = false;  // a data-dependent f runs once per sample
   // Renders "vmap(f, in_dims=(none, 0), ...)" for messages; may be empty.
   std::string (*describe)(const void*) = nullptr;
   const void* describe_arg = nullptr;
 };
 Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims,
                   const VmapConfig& cfg, FlatFn f, LeafName name);
+
+// ---- functionalize -------------------------------------------------------
+/// One functionalization level: f sees functional wrappers of `inputs`;
+/// returns f's output leaves unwrapped, after copying any mutation of an
+/// input back into it. reapply_views: Remove::Mutations.
+Tensors functionalize_flat(const Tensors& inputs, bool reapply_views, FlatFn f, const char* api);
 
 // ---- jacobians -----------------------------------------------------------
 struct JacOut {
@@ -108,6 +123,10 @@ JacOut jacrev_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn 
                    c10::optional<int64_t> chunk_size, const char* api, LeafName name);
 JacOut jacfwd_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f,
                    Randomness randomness, c10::optional<int64_t> chunk_size, const char* api, LeafName name);
+
+/// Forward or reverse mode by jacobian_mode(); options.mode() overrides.
+JacOut jacobian_flat(const Tensors& inputs, const std::vector<char>& diff, FlatFn f, const JacobianOptions& options,
+                     const char* api, LeafName name);
 
 /// Depth of this thread's functorch layer stack (tests check it is restored).
 size_t layer_depth();

@@ -33,6 +33,8 @@ template <>
 struct is_option<VmapOptions> : std::true_type {};
 template <>
 struct is_option<HessianOptions> : std::true_type {};
+template <>
+struct is_option<JacobianOptions> : std::true_type {};
 
 template <class T>
 struct dependent_false : std::false_type {};
