@@ -316,6 +316,40 @@ std::vector<Case> all_cases() {
                        return Call([=] { func::hessian(f, o)(x); });
                      }});
   }
+  // Where forward and reverse mode cost the same (jacobian()'s rule, see
+  // kJacobianCrossover): the Jacobian of f: R^n -> R^m by jacrev and by
+  // jacfwd, for m/n from 1/8 to 8, on two functions: an MLP (matmuls
+  // dominate) and an elementwise-heavy map. bench/jacobian_crossover.py
+  // prints the ratios. C++ only: torch.func has no jacobian().
+  for (int64_t n : {64, 256}) {
+    for (int64_t m : {n / 8, n / 4, n / 2, n, 2 * n, 4 * n, 8 * n}) {
+      const std::string size = std::to_string(n) + "x" + std::to_string(m);
+      for (const char* mode : {"rev", "fwd"}) {
+        const bool rev = std::string(mode) == "rev";
+        cases.push_back({std::string("XO/mlp/") + mode + "/" + size,
+                         std::string(mode) + " Jacobian of W2 tanh(W1 x), x [" + std::to_string(n) + "], out [" +
+                             std::to_string(m) + "], hidden 256",
+                         [=] {
+                           Tensor W1 = torch::randn({256, n}) / std::sqrt(double(n)), W2 = torch::randn({m, 256}) / 16;
+                           Tensor x = torch::randn({n});
+                           auto f = [=](const Tensor& v) { return W2.mv(torch::tanh(W1.mv(v))); };
+                           return rev ? Call([=] { func::jacrev(f)(x); }) : Call([=] { func::jacfwd(f)(x); });
+                         }});
+        cases.push_back({std::string("XO/elementwise/") + mode + "/" + size,
+                         std::string(mode) + " Jacobian of sin(A x) * tanh(A x) + exp(-(A x)^2), A [" +
+                             std::to_string(m) + ", " + std::to_string(n) + "]",
+                         [=] {
+                           Tensor A = torch::randn({m, n}) / std::sqrt(double(n));
+                           Tensor x = torch::randn({n});
+                           auto f = [=](const Tensor& v) {
+                             Tensor z = A.mv(v);
+                             return torch::sin(z) * torch::tanh(z) + torch::exp(-z * z);
+                           };
+                           return rev ? Call([=] { func::jacrev(f)(x); }) : Call([=] { func::jacfwd(f)(x); });
+                         }});
+      }
+    }
+  }
   // Transforms in several application threads at once (libtorch 2.x: no
   // process-wide lock; 1.13 runs them one at a time). The same 8 calls of
   // vmap(grad) over a small MLP, run by 1, 2 or 8 threads (intra-op threads

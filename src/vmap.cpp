@@ -66,7 +66,20 @@ std::string vmap_prefix(const VmapConfig& cfg) {
   return std::string(cfg.api) + "(f, ...)";
 }
 
-/// Two of libtorch's vmap errors do not say what to do in torchfunc's terms:
+/// Why libtorch could not batch f, when the reason is that f depends on the
+/// data (what sequential_fallback loops over); null for any other error.
+const char* data_dependent_reason(const std::string& msg) {
+  if (msg.find("calling .item() on a Tensor") != std::string::npos) return ".item()";
+  if (msg.find("data-dependent control flow") != std::string::npos) return "data-dependent control flow";
+  if (msg.find("dynamic shape") != std::string::npos || msg.find("differently shaped") != std::string::npos)
+    return "data-dependent shape";
+  if (msg.find("We could not generate a fallback") != std::string::npos) return "no batching rule or fallback";
+  if (msg.find("would take different paths for different samples") != std::string::npos)
+    return "torch::equal differing between samples";
+  return nullptr;
+}
+
+/// Some of libtorch's vmap errors do not say what to do in torchfunc's terms:
 /// the innermost torchfunc transform adds a line that does (once).
 void add_hint(c10::Error& e, const VmapConfig& cfg) {
   for (const auto& c : e.context())
@@ -78,6 +91,9 @@ void add_hint(c10::Error& e, const VmapConfig& cfg) {
     e.add_context("torchfunc::" + api + ": f drew random numbers under randomness 'error' (the default); pass " +
                   (fwd ? "JacfwdOptions()" : "VmapOptions()") +
                   ".randomness(Randomness::Same) or (Randomness::Different), or draw them outside the transform.");
+  } else if (const char* reason = data_dependent_reason(msg); reason && cfg.describe && !cfg.sequential_fallback) {
+    e.add_context("torchfunc::" + api + ": f depends on the values of its inputs here (" + reason +
+                  "); VmapOptions().sequential_fallback(true) runs it once per sample instead.");
   } else if (msg.find("doesn't match the broadcast shape") != std::string::npos) {
     e.add_context("torchfunc::" + api + ": if an in-place op wrote a batched value into a Tensor that is not "
                   "batched (created outside vmap, or passed with in_dim none), use the out-of-place op instead.");
@@ -138,19 +154,6 @@ Tensors vmap_once(const Tensors& inputs, const std::vector<OptDim>& dims, int64_
     }
   }
   return outs;
-}
-
-/// Why libtorch could not batch f, when the reason is that f depends on the
-/// data (what sequential_fallback loops over); null for any other error.
-const char* data_dependent_reason(const std::string& msg) {
-  if (msg.find("calling .item() on a Tensor") != std::string::npos) return ".item()";
-  if (msg.find("data-dependent control flow") != std::string::npos) return "data-dependent control flow";
-  if (msg.find("dynamic shape") != std::string::npos || msg.find("differently shaped") != std::string::npos)
-    return "data-dependent shape";
-  if (msg.find("We could not generate a fallback") != std::string::npos) return "no batching rule or fallback";
-  if (msg.find("would take different paths for different samples") != std::string::npos)
-    return "torch::equal differing between samples";
-  return nullptr;
 }
 
 /// f once per sample, outside any new level, the results stacked at their

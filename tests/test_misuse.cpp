@@ -128,6 +128,21 @@ std::vector<Misuse> catalogue() {
       });
   row("vmap", "requires_grad_() inside f", "torchfunc::vmap: Tensor.requires_grad_() was called inside",
       [=] { func::vmap([](const Tensor& t) { return (t * 2).requires_grad_(); })(xs); });
+  row("vmap", "sequential_fallback, and per-sample outputs of different shapes",
+      "with sequential_fallback, output 0 of f has shape",
+      [=] {
+        func::vmap([](const Tensor& t) { return torch::nonzero(t > 0); }, func::VmapOptions().sequential_fallback(true))(
+            torch::tensor({{1.0, -1.0}, {1.0, 1.0}}));
+      });
+  row("vmap", "sequential_fallback while set_fallback_mode(FallbackMode::Error)",
+      "vmap sequential fallback: .item(): f ran once per sample; this is an error", [=] {
+        struct Restore {
+          func::FallbackMode prev = func::set_fallback_mode(func::FallbackMode::Error);
+          ~Restore() { func::set_fallback_mode(prev); }
+        } restore;
+        func::vmap([](const Tensor& t) { return t * t.sum().item<float>(); },
+                   func::VmapOptions().sequential_fallback(true))(xs);
+      });
   row("vmap", "a batched Tensor used after vmap returned", "escaped",
       [=] {
         Tensor escaped;
@@ -243,6 +258,22 @@ std::vector<Misuse> catalogue() {
       [=] { func::jacfwd([](const Tensor& t) { return t * torch::rand_like(t); })(x); });
   row("hessian", "a complex input", "hessian(f, ...)(*args): Expected all inputs to be real",
       [=] { func::hessian([](const Tensor& t) { return (t * t).sum().abs(); })(torch::randn({3}, torch::kComplexFloat)); });
+
+  row("jacobian", "chunk_size 0", "torchfunc::jacobian: Expected chunk_size to be a positive integer",
+      [=] { func::jacobian(id, func::JacobianOptions().chunk_size(0)); });
+  row("jacobian", "a complex input", "jacobian(f, ...)(*args): Expected all inputs to be real",
+      [=] { func::jacobian(id)(torch::randn({3}, torch::kComplexFloat)); });
+
+  // ---- linear_transpose
+  row("linear_transpose", "an affine f (a constant term)", "torchfunc::linear_transpose(f, *primals): f is not linear in its inputs: f(0) is not zero at output 0",
+      [=] { func::linear_transpose([](const Tensor& t) { return t * 2 + 1; }, x); });
+  row("linear_transpose", "a nonlinear f", "torchfunc::linear_transpose(f, *primals): f is not linear in its inputs: at output 0, f(a*x + y) differs from a*f(x) + f(y)",
+      [=] { func::linear_transpose([](const Tensor& t) { return t * t; }, x); });
+  row("linear_transpose", "a cotangent of the wrong shape", "torchfunc::linear_transpose(f, *primals): transpose_fn(cotangents): Expected cotangents to have the shape",
+      [=] {
+        auto t = func::linear_transpose([](const Tensor& v) { return v * 2; }, x);
+        t(torch::ones({7}));
+      });
 
   // ---- rearrange
   row("rearrange", "an axis on one side only", "torchfunc::rearrange(\"b c -> b\"): axis 'c' is on the left side but not on the right",

@@ -278,7 +278,8 @@ TEST_F(TF, LinearTransposeRejectsNonlinearAndAffineFunctions) {
 TEST_F(TF, JacobianPicksTheModeByTheRuleAndMatchesClosedForms) {
   EXPECT_EQ(func::jacobian_mode(10, 3), func::JacobianMode::Reverse);
   EXPECT_EQ(func::jacobian_mode(3, 100), func::JacobianMode::Forward);
-  EXPECT_EQ(func::jacobian_mode(10, 10), func::JacobianMode::Reverse);
+  EXPECT_EQ(func::jacobian_mode(10, 15), func::JacobianMode::Reverse);
+  EXPECT_EQ(func::jacobian_mode(10, 16), func::JacobianMode::Forward);
   // f(x) = tanh(W x): J = diag(1 - tanh(Wx)^2) W. Calls of f show the mode:
   // reverse mode runs f once (its vjp), forward mode once more (under vmap).
   for (auto [in, out] : {std::pair<int64_t, int64_t>{8, 2}, {2, 8}}) {

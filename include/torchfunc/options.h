@@ -190,8 +190,9 @@ enum class JacobianMode { Auto, Forward, Reverse };
 /// kJacobianCrossover * in_numel, else Forward. Reverse mode costs one
 /// pullback per output element, forward mode one tangent pass per input
 /// element; the constant is where their measured costs cross
-/// (bench/jacobian_crossover.py).
-inline constexpr double kJacobianCrossover = 1.0;
+/// (bench/jacobian_crossover.py: between m/n = 1 and 2 for an MLP and an
+/// elementwise map, n = 64 and 256, CPU).
+inline constexpr double kJacobianCrossover = 1.5;
 JacobianMode jacobian_mode(int64_t in_numel, int64_t out_numel);
 
 /// Options of jacobian (torch.func has no such transform; JAX's jacobian
