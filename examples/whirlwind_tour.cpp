@@ -132,6 +132,38 @@ int main() {
   auto [g5] = vjp_fn5(torch::ones({5}), func::VjpFnOptions().retain_graph(false));
   check(torch::allclose(g5, x5.cos()), "vjp_fn(ct, retain_graph=false) == cos(x), then the graph is freed");
 
+  std::puts("functionalize: in-place ops removed, argument mutations copied back (as torch.func)");
+  Tensor buf = torch::zeros({5});
+  auto step = [](Tensor b, const Tensor& t) {
+    b.mul_(0.5).add_(t);  // runs as mul + add; b is updated at the end
+    return b.sum();
+  };
+  Tensor total = func::functionalize(step)(buf, x5);
+  check(torch::allclose(buf, x5) && torch::allclose(total, x5.sum()), "functionalize(step)(buf, x) updates buf");
+  Tensor gs = func::vmap(func::grad(func::functionalize([](const Tensor& t) {
+    Tensor u = t.clone();
+    u.mul_(u);
+    return u.sum();
+  })))(xb);
+  check(torch::allclose(gs, 2 * xb), "vmap(grad(functionalize(x -> sum(x *= x)))) == 2x");
+
+  std::puts("beyond torch.func: linear_transpose (as in JAX)");
+  Tensor A = torch::randn({3, 5});
+  auto At = func::linear_transpose([&](const Tensor& t) { return A.mv(t); }, x5);
+  Tensor c3 = torch::randn({3});
+  check(torch::allclose(std::get<0>(At(c3)), A.t().mv(c3)), "linear_transpose(x -> A x)(c) == A^T c");
+
+  std::puts("beyond torch.func: jacobian picks forward or reverse mode by size");
+  Tensor Jw = func::jacobian([&](const Tensor& t) { return A.mv(t).tanh(); })(x5);
+  check(torch::allclose(Jw, func::jacrev([&](const Tensor& t) { return A.mv(t).tanh(); })(x5)) &&
+            func::jacobian_mode(5, 3) == func::JacobianMode::Reverse,
+        "jacobian(f)(x) == jacrev(f)(x), by reverse mode for 5 inputs and 3 outputs");
+
+  std::puts("beyond torch.func: vmap's sequential fallback for data-dependent code");
+  auto branchy = [](const Tensor& t) { return t.sum().item<double>() > 0 ? t.sin() : t.cos(); };
+  Tensor ys = func::vmap(branchy, func::VmapOptions().sequential_fallback(true))(xb);
+  check(torch::allclose(ys[3], branchy(xb[3])), "vmap(f with .item() and a branch, sequential_fallback)(x)[i] == f(x[i])");
+
   std::printf("%s\n", failures ? "SOME CHECKS FAILED" : "all checks passed");
   return failures ? 1 : 0;
 }
