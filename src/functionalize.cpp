@@ -30,11 +30,16 @@ at::Tensor unwrap_output(const at::Tensor& t, int64_t level, bool add_back_views
 
 /// Copies what f did to an input (data, and shape where f resized it) back
 /// into the caller's tensor.
-void copy_back_mutation(const at::Tensor& user, const at::Tensor& wrapped) {
+void copy_back_mutation(const at::Tensor& user, const at::Tensor& wrapped, const char* api, LeafName name,
+                        size_t i) {
   auto* w = fz::unsafeGetFunctionalWrapper(wrapped);
   w->sync_();
   const at::Tensor& now = w->value();
   if (now.unsafeGetTensorImpl() == user.unsafeGetTensorImpl()) return;  // never replaced: not mutated
+  // (autograd would refuse the copy with a message that names no transform)
+  TORCH_CHECK(!(user.requires_grad() && user.is_leaf() && c10::GradMode::is_enabled()), "torchfunc::", api, ": f "
+              "mutated ", name(i), ", a leaf Tensor that requires grad (e.g. the argument an enclosing grad "
+              "differentiates), so the mutation cannot be copied back into it. Mutate a clone inside f instead.");
   if (user.nbytes() != now.nbytes()) user.resize_(now.sizes());
   if (user.sizes() != now.sizes()) user.as_strided_(now.sizes(), now.strides());
   user.copy_(now);
@@ -42,7 +47,7 @@ void copy_back_mutation(const at::Tensor& user, const at::Tensor& wrapped) {
 
 }  // namespace
 
-Tensors functionalize_flat(const Tensors& inputs, bool reapply_views, FlatFn f, const char* api) {
+Tensors functionalize_flat(const Tensors& inputs, bool reapply_views, FlatFn f, const char* api, LeafName name) {
   LayerGuard layer(api, [&] { return compat::push_functionalize_layer(reapply_views); });
   const int64_t lvl = layer.level();
   Tensors wrapped;
@@ -70,7 +75,7 @@ Tensors functionalize_flat(const Tensors& inputs, bool reapply_views, FlatFn f, 
   // Before the level is popped (Note [unwrap before pop]): the inputs'
   // pending mutations are applied, then copied to the caller's tensors.
   for (size_t i = 0; i < inputs.size(); ++i)
-    if (ours[i]) copy_back_mutation(inputs[i], wrapped[i]);
+    if (ours[i]) copy_back_mutation(inputs[i], wrapped[i], api, name, i);
   return outs;
 }
 

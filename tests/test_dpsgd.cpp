@@ -11,9 +11,13 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <random>
+#include <sstream>
+#include <algorithm>
 
 #include "idx_reader.h"
 #include "plot.h"
+#include "prv_accountant.h"
 #include "rdp_accountant.h"
 
 namespace fs = std::filesystem;
@@ -109,6 +113,84 @@ TEST(Accountant, BadParametersThrow) {
 }
 
 // ---- IDX reader -----------------------------------------------------------------
+
+// ---- the PRV accountant ---------------------------------------------------------
+
+// The closed-form CDF of one step's privacy loss against sampling: X from
+// the mixture (1 - q) N(0, s^2) + q N(1, s^2), Y = log(P(X) / Q(X)).
+TEST(PrvAccountant, LossCdfMatchesSampling) {
+  std::mt19937_64 rng(11);
+  for (auto [q, sigma] : {std::pair{0.05, 1.0}, std::pair{0.5, 2.0}, std::pair{1.0, 0.8}}) {
+    std::normal_distribution<double> noise(0.0, sigma);
+    std::bernoulli_distribution in_batch(q);
+    const int n = 400000;
+    std::vector<double> ys(n);
+    for (auto& y : ys) {
+      const double x = noise(rng) + (in_batch(rng) ? 1.0 : 0.0);
+      y = std::log((1 - q) + q * std::exp((2 * x - 1) / (2 * sigma * sigma)));
+    }
+    std::sort(ys.begin(), ys.end());
+    for (double p : {0.01, 0.1, 0.5, 0.9, 0.99}) {
+      const double t = ys[static_cast<size_t>(p * n)];
+      EXPECT_NEAR(dpsgd::prv_cdf(q, sigma, t), p, 4 * std::sqrt(p * (1 - p) / n)) << "q " << q << " sigma " << sigma;
+    }
+  }
+}
+
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string part;
+  std::istringstream in(s);
+  while (std::getline(in, part, sep)) out.push_back(part);
+  return out;
+}
+
+// Opacus 1.6's PRVAccountant on a grid (tests/data/make_prv_reference.py
+// wrote the file): within 0.01, and never looser than RDP.
+TEST(PrvAccountant, MatchesOpacusOnAGrid) {
+  std::ifstream in(std::string(TORCHFUNC_TEST_DATA) + "/prv_opacus.csv");
+  ASSERT_TRUE(in) << "tests/data/prv_opacus.csv";
+  std::string line;
+  int checked = 0;
+  double worst = 0;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '"' || line.rfind("schedule", 0) == 0) continue;
+    auto cols = split(line, ',');
+    ASSERT_EQ(cols.size(), 4u) << line;
+    const double delta = std::stod(cols[1]), opacus = std::stod(cols[2]), rdp = std::stod(cols[3]);
+    if (!std::isfinite(opacus)) continue;  // Opacus overflows there (epsilon in the hundreds)
+    dpsgd::PrvAccountant a;
+    for (const auto& g : split(cols[0], ';')) {
+      auto f = split(g, ':');
+      a.step(std::stod(f[0]), std::stod(f[1]), std::stoll(f[2]));
+    }
+    const auto e = a.epsilon(delta);
+    EXPECT_NEAR(e.upper, opacus, 0.01) << cols[0] << " delta " << delta;
+    EXPECT_LE(e.lower, e.estimate);
+    EXPECT_LE(e.estimate, e.upper);
+    EXPECT_LE(e.upper, rdp + 0.01) << cols[0] << " delta " << delta;
+    worst = std::max(worst, std::abs(e.upper - opacus));
+    ++checked;
+  }
+  EXPECT_GE(checked, 150);
+  std::printf("PRV vs Opacus: %d schedules, largest difference %.2e\n", checked, worst);
+}
+
+TEST(PrvAccountant, IssueExampleAndNoiseForEpsilon) {
+  dpsgd::PrvAccountant a;
+  for (int i = 0; i < 1176; ++i) a.step(0.034, 2.0);  // one group, as 1176 single steps
+  const double prv = a.epsilon(1e-5).upper, rdp = dpsgd::epsilon_after(0.034, 2.0, 1176, 1e-5).epsilon;
+  EXPECT_NEAR(prv, 2.63, 0.01);
+  EXPECT_NEAR(rdp, 2.85, 0.01);
+  const double sigma = dpsgd::noise_for_epsilon_prv(prv, 0.034, 1176, 1e-5);
+  EXPECT_NEAR(sigma, 2.0, 0.01);
+  EXPECT_LT(sigma, dpsgd::noise_for_epsilon(prv, 0.034, 1176, 1e-5));  // PRV needs less noise than RDP
+  EXPECT_EQ(dpsgd::PrvAccountant().epsilon(1e-5).upper, 0.0);
+  EXPECT_THROW(a.step(0.0, 1.0), std::invalid_argument);
+  EXPECT_THROW(a.step(0.1, 0.0), std::invalid_argument);
+  EXPECT_THROW(a.epsilon(0.0), std::invalid_argument);
+  EXPECT_THROW(a.epsilon(1e-5, 0.01, 1e-4), std::invalid_argument);
+}
 
 class Idx : public ::testing::Test {
  protected:

@@ -264,6 +264,11 @@ std::vector<Misuse> catalogue() {
   row("jacobian", "a complex input", "jacobian(f, ...)(*args): Expected all inputs to be real",
       [=] { func::jacobian(id)(torch::randn({3}, torch::kComplexFloat)); });
 
+  // ---- functionalize
+  row("functionalize", "f mutates the argument an enclosing grad differentiates",
+      "torchfunc::functionalize(f)(*args): f mutated args[0], a leaf Tensor that requires grad",
+      [=] { func::grad(func::functionalize([](Tensor t) { t.mul_(2); return t.sum(); }))(x); });
+
   // ---- linear_transpose
   row("linear_transpose", "an affine f (a constant term)", "torchfunc::linear_transpose(f, *primals): f is not linear in its inputs: f(0) is not zero at output 0",
       [=] { func::linear_transpose([](const Tensor& t) { return t * 2 + 1; }, x); });

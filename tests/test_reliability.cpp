@@ -173,6 +173,37 @@ std::vector<Composition> compositions(Net net) {
                    return (std::get<0>(fn(v)) * out).sum();
                  })(x)};
                }});
+  c.push_back({"grad(functionalize)", [=](Injector& in) {
+                 return Results{func::grad(func::functionalize([&](const Tensor& t) {
+                   Tensor u = t.clone();
+                   in.point();
+                   u.mul_(t.sin());  // in place, removed by functionalize
+                   in.point();
+                   return u.sum();
+                 }))(x)};
+               }});
+  // The batched attempt fails at .item(); then a loop over the samples.
+  c.push_back({"vmap(sequential_fallback)", [=](Injector& in) {
+                 return Results{func::vmap(
+                     [&](const Tensor& t) {
+                       in.point();
+                       const double s = t.sum().item<double>();
+                       in.point();
+                       return g(in)(t) * s;
+                     },
+                     func::VmapOptions().sequential_fallback(true))(xs)};
+               }});
+  c.push_back({"jacobian", [=](Injector& in) { return Results{func::jacobian(g(in))(x)}; }});
+  c.push_back({"linear_transpose+transpose_fn", [=](Injector& in) {
+                 auto t = func::linear_transpose(
+                     [&](const Tensor& u) {
+                       in.point();
+                       return w4.slice(1, 0, 3).matmul(u);
+                     },
+                     x);
+                 in.point();
+                 return Results{std::get<0>(t(torch::ones({4}, torch::kDouble)))};
+               }});
   // Module forwards under functional_call, at two depths, inside vmap(grad).
   c.push_back({"vmap(grad(functional_call))", [=](Injector& in) mutable {
                  net->inj = &in;

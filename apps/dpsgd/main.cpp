@@ -29,6 +29,7 @@
 
 #include "idx_reader.h"
 #include "plot.h"
+#include "prv_accountant.h"
 #include "rdp_accountant.h"
 
 namespace func = torchfunc;
@@ -52,6 +53,7 @@ struct Config {
   double momentum = -1;
   double delta = 1e-5;
   double target_epsilon = 0;  // if > 0: choose sigma so the run ends at this epsilon
+  std::string accountant = "prv";  // what epsilon means: prv (Gopi et al. 2021) or rdp
   int64_t physical_batch = 256;  // per-sample gradients are computed in chunks of this size
   bool caching_allocator = true;  // CPU: torchfunc::use_caching_cpu_allocator() (no page faults per chunk)
   int64_t train_limit = 0;        // use only the first n training examples (0 = all)
@@ -227,14 +229,20 @@ int run(Config& c) {
   if (c.batch_size <= 0 || c.batch_size > n) throw std::invalid_argument("--batch-size must be in [1, training set size]");
   const double q = double(c.batch_size) / n;
   const int64_t steps_per_epoch = (n + c.batch_size - 1) / c.batch_size;
+  if (c.accountant != "prv" && c.accountant != "rdp") throw std::invalid_argument("--accountant must be prv or rdp");
+  const bool use_prv = c.accountant == "prv";
   if (!c.non_private && c.target_epsilon > 0)
-    c.noise = dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta);
+    c.noise = use_prv ? dpsgd::noise_for_epsilon_prv(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta)
+                      : dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta);
 
   nn::Sequential model = make_model(c.activation);
   model->to(device);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(c.lr).momentum(c.momentum));
   const func::TensorDict params = func::named_parameters(model);  // shares storage with the model
-  dpsgd::RdpAccountant accountant;
+  // Both accountants run; --accountant says which one "epsilon" reports.
+  dpsgd::RdpAccountant rdp;
+  dpsgd::PrvAccountant prv;
+  auto spent = [&](bool with_prv) { return with_prv ? prv.epsilon(c.delta).upper : rdp.spent(c.delta).epsilon; };
 
   std::printf("torchfunc-dpsgd: %s training of a %s CNN on Fashion-MNIST (%lld train, %lld test images)\n",
               c.non_private ? "NON-PRIVATE" : "DP-SGD", c.activation.c_str(), (long long)n, (long long)test.x.size(0));
@@ -264,20 +272,25 @@ int run(Config& c) {
       } else {
         idx = (torch::rand({n}, train.x.options()) < q).nonzero().view(-1);  // Poisson sampling
         if (idx.size(0) > 0) loss_sum += dp_step(model, params, opt, train, idx, c);
-        accountant.step(q, c.noise);
+        rdp.step(q, c.noise);
+        prv.step(q, c.noise);
       }
       seen += idx.size(0);
       progress.update(step + 1, seen);
     }
     double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
     double acc = test_accuracy(model, test);
-    double eps = c.non_private ? INFINITY : accountant.spent(c.delta).epsilon;
+    double eps = c.non_private ? INFINITY : spent(use_prv);
+    double eps_other = c.non_private ? INFINITY : spent(!use_prv);
     double train_loss = loss_sum / std::max<int64_t>(seen, 1);
-    std::printf("epoch %2d  train loss %.4f  test accuracy %6.2f%%  epsilon %.3f  (%.0f s)\n", epoch, train_loss, acc,
-                eps, secs);
+    std::printf("epoch %2d  train loss %.4f  test accuracy %6.2f%%  epsilon %.3f (%s; %s %.3f)  (%.0f s)\n", epoch,
+                train_loss, acc, eps, use_prv ? "PRV" : "RDP", use_prv ? "RDP" : "PRV", eps_other, secs);
     std::fflush(stdout);
     records.push_back({{"epoch", epoch}, {"train_loss", train_loss}, {"test_accuracy", acc},
-                       {"epsilon", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(eps)}, {"seconds", secs}});
+                       {"epsilon", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(eps)},
+                       {"epsilon_prv", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(use_prv ? eps : eps_other)},
+                       {"epsilon_rdp", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(use_prv ? eps_other : eps)},
+                       {"seconds", secs}});
     csv << epoch << "," << train_loss << "," << acc << "," << (c.non_private ? "inf" : std::to_string(eps)) << ","
         << secs << "\n" << std::flush;
   }
@@ -287,6 +300,7 @@ int run(Config& c) {
   nlohmann::json out = {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"delta", c.delta}, {"seed", c.seed},
+                  {"accountant", c.accountant},
                   {"activation", c.activation}, {"non_private", c.non_private}, {"train_examples", n},
                   {"threads", torch::get_num_threads()}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
@@ -303,9 +317,9 @@ int run(Config& c) {
                           c.non_private ? "epoch" : "epsilon (delta = " + c10::str(c.delta) + ")",
                           "test accuracy (%)", {series});
   torch::save(model, c.out_dir + "/model.pt");
-  std::printf("final: test accuracy %.2f%%, epsilon %.3f at delta %g, wall time %.0f s\n",
-              records.back()["test_accuracy"].get<double>(), c.non_private ? INFINITY : accountant.spent(c.delta).epsilon,
-              c.delta, wall);
+  std::printf("final: test accuracy %.2f%%, epsilon %.3f (%s) at delta %g, wall time %.0f s\n",
+              records.back()["test_accuracy"].get<double>(), c.non_private ? INFINITY : spent(use_prv),
+              use_prv ? "PRV" : "RDP", c.delta, wall);
   std::printf("wrote %s/metrics.json, %s/metrics.csv, %s, %s/model.pt\n", c.out_dir.c_str(), c.out_dir.c_str(),
               png.c_str(), c.out_dir.c_str());
   return 0;
@@ -321,6 +335,8 @@ int main(int argc, char** argv) {
   app.add_option("--batch-size", c.batch_size, "expected batch size; q = batch/N (default: preset)");
   app.add_option("--noise", c.noise, "noise multiplier sigma (default: preset)");
   app.add_option("--target-epsilon", c.target_epsilon, "choose sigma so that training ends at this epsilon");
+  app.add_option("--accountant", c.accountant, "prv (Gopi et al. 2021, as Opacus's PRVAccountant) or rdp")
+      ->capture_default_str();
   app.add_option("--clip", c.clip, "per-sample clipping norm C (default: preset)");
   app.add_option("--lr", c.lr, "learning rate (default: preset)");
   app.add_option("--momentum", c.momentum, "SGD momentum (default: preset)");

@@ -23,8 +23,9 @@ class FunctionalizeTransform {
       flatten_into(*out, res.leaves);
       res.num_primary = res.leaves.size();
     };
+    auto name = [&](size_t i) { return leaf_path(like, i, "args"); };
     Tensors res = functionalize_flat(fa.leaves, options_.remove() == Remove::Mutations, flat_fn,
-                                     "functionalize(f)(*args)");
+                                     "functionalize(f)(*args)", name);
     const at::Tensor* it = res.data();
     R result = unflatten(*out, it);
     return result;

@@ -109,7 +109,7 @@ Tensors vmap_flat(const Tensors& inputs, const std::vector<OptDim>& in_dims,
 /// One functionalization level: f sees functional wrappers of `inputs`;
 /// returns f's output leaves unwrapped, after copying any mutation of an
 /// input back into it. reapply_views: Remove::Mutations.
-Tensors functionalize_flat(const Tensors& inputs, bool reapply_views, FlatFn f, const char* api);
+Tensors functionalize_flat(const Tensors& inputs, bool reapply_views, FlatFn f, const char* api, LeafName name);
 
 // ---- jacobians -----------------------------------------------------------
 struct JacOut {
