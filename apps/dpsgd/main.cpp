@@ -10,8 +10,9 @@
 //   3. Clip each g_i to L2 norm <= C (over all parameters together).
 //   4. Sum, add Gaussian noise N(0, (sigma*C)^2), divide by the expected batch
 //      size, and let a torch::optim::SGD take the step.
-// Privacy: an RDP accountant for the subsampled Gaussian mechanism reports
-// epsilon at --delta after every epoch.
+// Privacy: the PRV accountant (default) or the RDP one, both for the
+// Poisson-subsampled Gaussian mechanism, report epsilon at --delta after every
+// epoch.
 #include <torch/torch.h>
 #include <torchfunc/torchfunc.h>
 
