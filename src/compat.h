@@ -156,5 +156,16 @@ inline at::Tensor unwrap_grad(const at::Tensor& t, int64_t level) {
   return t;
 }
 
+// torch::nn options hold some settings (Conv padding, padding_mode) in a
+// variant: c10::variant on 1.13, std::variant on 2.x.
+template <class T, class V>
+const T* variant_get_if(const V& v) {
+#if TORCH_VERSION_MAJOR >= 2
+  return std::get_if<T>(&v);
+#else
+  return c10::get_if<T>(&v);
+#endif
+}
+
 }  // namespace compat
 }  // namespace torchfunc

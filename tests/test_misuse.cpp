@@ -269,6 +269,29 @@ std::vector<Misuse> catalogue() {
       "torchfunc::functionalize(f)(*args): f mutated args[0], a leaf Tensor that requires grad",
       [=] { func::grad(func::functionalize([](Tensor t) { t.mul_(2); return t.sum(); }))(x); });
 
+  // ---- dp
+  {
+    auto ce = [](const Tensor& o, const Tensor& t) {
+      return torch::nn::functional::cross_entropy(o, t, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+    };
+    auto mean_ce = [](const Tensor& o, const Tensor& t) { return torch::nn::functional::cross_entropy(o, t); };
+    Tensor dx = torch::randn({4, 3}), dy = torch::randint(2, {4});
+    row("dp::clipped_grad_sum", "a loss that averages over the batch", "the loss must return one value per sample",
+        [=] {
+          nn::Sequential mlp(nn::Linear(3, 2));
+          func::dp::clipped_grad_sum(mlp, mean_ce, dx, dy);
+        });
+    row("dp::clipped_grad_sum", "inputs and targets of different batch sizes", "must have the batch in dim 0 with the same size",
+        [=] {
+          nn::Sequential mlp(nn::Linear(3, 2));
+          func::dp::clipped_grad_sum(mlp, ce, dx, dy.narrow(0, 0, 3));
+        });
+    row("dp::clipped_grad_sum", "max_norm 0", "max_norm must be positive", [=] {
+      nn::Sequential mlp(nn::Linear(3, 2));
+      func::dp::clipped_grad_sum(mlp, ce, dx, dy, func::dp::ClipOptions().max_norm(0));
+    });
+  }
+
   // ---- linear_transpose
   row("linear_transpose", "an affine f (a constant term)", "torchfunc::linear_transpose(f, *primals): f is not linear in its inputs: f(0) is not zero at output 0",
       [=] { func::linear_transpose([](const Tensor& t) { return t * 2 + 1; }, x); });

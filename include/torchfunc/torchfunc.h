@@ -20,3 +20,4 @@
 #include <torchfunc/rearrange.h>
 #include <torchfunc/linear_transpose.h>
 #include <torchfunc/functionalize.h>
+#include <torchfunc/dp.h>

@@ -1,0 +1,304 @@
+// src/dp.cpp: the clipped per-sample gradient sum (include/torchfunc/dp.h).
+// One forward pass keeps each parametrised child's input a; one backward
+// pass gives the gradient g at each such child's output (the loss is a sum
+// of per-sample losses, so row i of g belongs to example i alone). Each child
+// then gives its per-sample squared norms from (a, g), and, once the clip
+// factors are known, its clipped gradient sum, by the rule for its type.
+#include <torch/nn.h>
+#include <torch/autograd.h>
+#include <torchfunc/dp.h>
+#include <torchfunc/vjp.h>
+
+#include <memory>
+
+#include "compat.h"
+
+namespace torchfunc {
+namespace dp {
+namespace {
+
+using at::Tensor;
+namespace nn = torch::nn;
+namespace F = torch::nn::functional;
+
+// sum over t, t' of (a_t . a_t')(g_t . g_t') per sample, or the same as the
+// squared norm of the materialised g^T a. a [B, T, d], g [B, T, p].
+Tensor outer_norm2(const Tensor& a, const Tensor& g, NormMode mode) {
+  const int64_t T = a.size(1), d = a.size(2), p = g.size(2);
+  if (T == 1) return a.pow(2).sum({1, 2}) * g.pow(2).sum({1, 2});
+  const bool ghost = mode == NormMode::Ghost || (mode == NormMode::Auto && 2 * T * T <= p * d);
+  if (ghost) return (at::bmm(a, a.transpose(1, 2)) * at::bmm(g, g.transpose(1, 2))).sum({1, 2});
+  return at::bmm(g.transpose(1, 2), a).pow(2).sum({1, 2});
+}
+
+// sum_i c_i g_i^T a_i: [p, d].
+Tensor outer_sum(const Tensor& a, const Tensor& g, const Tensor& c) {
+  Tensor gc = g * c.view({-1, 1, 1});
+  return gc.reshape({-1, g.size(2)}).t().matmul(a.reshape({-1, a.size(2)}));
+}
+
+Tensor per_sample(const Tensor& c, const Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[0] = -1;
+  return c.view(shape);
+}
+
+/// What one child contributes: its per-sample squared norms, then its
+/// clipped sums (written under the child's parameter names).
+class Rule {
+ public:
+  virtual ~Rule() = default;
+  virtual Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) = 0;
+  virtual void clipped_sum(const Tensor& a, const Tensor& g, const Tensor& c, const std::string& prefix,
+                           TensorDict& out) = 0;
+};
+
+class LinearRule : public Rule {
+ public:
+  explicit LinearRule(nn::LinearImpl& m) : m_(m) {}
+  Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) override {
+    auto [a3, g3] = flat(a, g);
+    Tensor n = at::zeros({a.size(0)}, g.options());
+    if (m_.weight.requires_grad()) n = n + outer_norm2(a3, g3, mode);
+    if (m_.bias.defined() && m_.bias.requires_grad()) n = n + g3.sum(1).pow(2).sum(1);
+    return n;
+  }
+  void clipped_sum(const Tensor& a, const Tensor& g, const Tensor& c, const std::string& prefix,
+                   TensorDict& out) override {
+    auto [a3, g3] = flat(a, g);
+    if (m_.weight.requires_grad()) out.insert(prefix + "weight", outer_sum(a3, g3, c));
+    if (m_.bias.defined() && m_.bias.requires_grad()) out.insert(prefix + "bias", (g3 * c.view({-1, 1, 1})).sum({0, 1}));
+  }
+
+ private:
+  static std::pair<Tensor, Tensor> flat(const Tensor& a, const Tensor& g) {
+    const int64_t B = a.size(0);
+    return {a.reshape({B, -1, a.size(-1)}), g.reshape({B, -1, g.size(-1)})};
+  }
+  nn::LinearImpl& m_;
+};
+
+/// Conv1d / Conv2d with zero padding given as numbers: the input unfolded
+/// into patches is a Linear's input with T = output positions, per group.
+class ConvRule : public Rule {
+ public:
+  ConvRule(Tensor weight, Tensor bias, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, bool one_d)
+      : weight_(std::move(weight)),
+        bias_(std::move(bias)),
+        kernel_(std::move(kernel)),
+        stride_(std::move(stride)),
+        padding_(std::move(padding)),
+        dilation_(std::move(dilation)),
+        groups_(groups),
+        one_d_(one_d) {}
+  Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) override {
+    auto [patches, gg] = flat(a, g);
+    Tensor n = at::zeros({a.size(0)}, g.options());
+    if (weight_.requires_grad())
+      for (int64_t k = 0; k < groups_; ++k) n = n + outer_norm2(group_in(patches, k), group_out(gg, k), mode);
+    if (bias_.defined() && bias_.requires_grad()) n = n + gg.sum(1).pow(2).sum(1);
+    return n;
+  }
+  void clipped_sum(const Tensor& a, const Tensor& g, const Tensor& c, const std::string& prefix,
+                   TensorDict& out) override {
+    auto [patches, gg] = flat(a, g);
+    if (weight_.requires_grad()) {
+      std::vector<Tensor> rows;
+      for (int64_t k = 0; k < groups_; ++k) rows.push_back(outer_sum(group_in(patches, k), group_out(gg, k), c));
+      out.insert(prefix + "weight", at::cat(rows, 0).view(weight_.sizes()));
+    }
+    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", (gg * c.view({-1, 1, 1})).sum({0, 1}));
+  }
+
+ private:
+  // patches [B, T, C_in k...], output gradient [B, T, C_out]
+  std::pair<Tensor, Tensor> flat(const Tensor& a, const Tensor& g) const {
+    Tensor a4 = one_d_ ? a.unsqueeze(2) : a, g4 = one_d_ ? g.unsqueeze(2) : g;
+    auto ea = [](const std::vector<int64_t>& v) { return torch::ExpandingArray<2>(at::IntArrayRef(v)); };
+    Tensor unf = F::unfold(
+        a4, F::UnfoldFuncOptions(ea(kernel_)).dilation(ea(dilation_)).padding(ea(padding_)).stride(ea(stride_)));
+    return {unf.transpose(1, 2), g4.flatten(2).transpose(1, 2)};
+  }
+  Tensor group_in(const Tensor& patches, int64_t k) const {
+    const int64_t d = patches.size(2) / groups_;
+    return patches.narrow(2, k * d, d);
+  }
+  Tensor group_out(const Tensor& gg, int64_t k) const {
+    const int64_t p = gg.size(2) / groups_;
+    return gg.narrow(2, k * p, p);
+  }
+  Tensor weight_, bias_;
+  std::vector<int64_t> kernel_, stride_, padding_, dilation_;
+  int64_t groups_;
+  bool one_d_;
+};
+
+/// Embedding: the gradient of row v is the sum of g_t over the positions
+/// with index v, so ||G_i||^2 = sum_{t,t'} [idx_t == idx_t'] (g_t . g_t').
+class EmbeddingRule : public Rule {
+ public:
+  explicit EmbeddingRule(nn::EmbeddingImpl& m) : m_(m) {}
+  Tensor norm2(const Tensor& a, const Tensor& g, NormMode) override {
+    auto [idx, g3] = flat(a, g);
+    Tensor same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(g3.scalar_type());
+    return (same * at::bmm(g3, g3.transpose(1, 2))).sum({1, 2});
+  }
+  void clipped_sum(const Tensor& a, const Tensor& g, const Tensor& c, const std::string& prefix,
+                   TensorDict& out) override {
+    auto [idx, g3] = flat(a, g);
+    Tensor sum = at::zeros_like(m_.weight);
+    sum.index_add_(0, idx.reshape(-1), (g3 * c.view({-1, 1, 1})).reshape({-1, g3.size(2)}));
+    out.insert(prefix + "weight", sum);
+  }
+
+ private:
+  std::pair<Tensor, Tensor> flat(const Tensor& a, const Tensor& g) const {
+    const int64_t B = a.size(0);
+    Tensor idx = a.reshape({B, -1}), g3 = g.reshape({B, -1, g.size(-1)});
+    if (auto pad = m_.options.padding_idx()) {  // the padding row gets no gradient
+      int64_t p = *pad < 0 ? *pad + m_.weight.size(0) : *pad;
+      g3 = g3 * (idx != p).unsqueeze(2).to(g3.scalar_type());
+    }
+    return {idx, g3};
+  }
+  nn::EmbeddingImpl& m_;
+};
+
+/// Any other child: per-sample gradients of its parameters by vmap over a
+/// vjp of the child alone, at its input row a_i with cotangent g_i.
+class GenericRule : public Rule {
+ public:
+  GenericRule(nn::AnyModule& any, TensorDict params) : any_(any), params_(std::move(params)) {}
+  Tensor norm2(const Tensor& a, const Tensor& g, NormMode) override {
+    auto call = [&](const TensorDict& p, const Tensor& ai) {
+      std::vector<std::pair<std::string, Tensor>> values;
+      std::vector<size_t> dict_of;
+      torchfunc::detail::collect_dicts(p, values, dict_of);
+      torchfunc::detail::Reparametrize guard(*any_.ptr(), values, dict_of, FunctionalCallOptions());
+      return any_.forward(ai.unsqueeze(0)).squeeze(0);
+    };
+    grads_ = vmap(
+        [&](const Tensor& ai, const Tensor& gi) {
+          auto [out, fn] = vjp([&](const TensorDict& p) { return call(p, ai); }, params_);
+          return std::get<0>(fn(gi));
+        })(a, g);
+    Tensor n = at::zeros({a.size(0)}, g.options());
+    for (const auto& e : grads_.items()) n = n + e.value().pow(2).flatten(1).sum(1);
+    return n;
+  }
+  void clipped_sum(const Tensor&, const Tensor&, const Tensor& c, const std::string& prefix,
+                   TensorDict& out) override {
+    for (const auto& e : grads_.items()) out.insert(prefix + e.key(), (e.value() * per_sample(c, e.value())).sum(0));
+  }
+
+ private:
+  nn::AnyModule& any_;
+  TensorDict params_;
+  TensorDict grads_;  // per sample, from norm2
+};
+
+template <size_t D>
+std::vector<int64_t> ints(const torch::ExpandingArray<D>& e) {
+  return std::vector<int64_t>(e->begin(), e->end());
+}
+
+/// The rule for a child, or null when it has no parameter to train.
+template <size_t D, class Conv>
+std::unique_ptr<Rule> conv_rule(Conv& m, nn::AnyModule& any, TensorDict params) {
+  const auto& o = m.options;
+  const auto* pad = compat::variant_get_if<torch::ExpandingArray<D>>(o.padding());
+  if (!pad || !compat::variant_get_if<torch::enumtype::kZeros>(o.padding_mode()))
+    return std::make_unique<GenericRule>(any, std::move(params));  // 'same' / 'valid' strings, non-zero padding
+  auto pad2 = [&](std::vector<int64_t> v) { return D == 1 ? std::vector<int64_t>{0, v[0]} : v; };
+  auto one2 = [&](std::vector<int64_t> v, int64_t fill) { return D == 1 ? std::vector<int64_t>{fill, v[0]} : v; };
+  return std::make_unique<ConvRule>(m.weight, m.bias, one2(ints(o.kernel_size()), 1), one2(ints(o.stride()), 1),
+                                    pad2(ints(*pad)), one2(ints(o.dilation()), 1), o.groups(), D == 1);
+}
+
+std::unique_ptr<Rule> rule_for(nn::AnyModule& any, const TensorDict& params) {
+  if (params.is_empty()) return nullptr;
+  nn::Module* m = any.ptr().get();
+  if (auto* lin = dynamic_cast<nn::LinearImpl*>(m)) return std::make_unique<LinearRule>(*lin);
+  if (auto* c2 = dynamic_cast<nn::Conv2dImpl*>(m)) return conv_rule<2>(*c2, any, params);
+  if (auto* c1 = dynamic_cast<nn::Conv1dImpl*>(m)) return conv_rule<1>(*c1, any, params);
+  if (auto* e = dynamic_cast<nn::EmbeddingImpl*>(m)) {
+    const auto& o = e->options;
+    if (!o.max_norm() && !o.scale_grad_by_freq() && !o.sparse()) return std::make_unique<EmbeddingRule>(*e);
+  }
+  return std::make_unique<GenericRule>(any, params);
+}
+
+Tensor clip_factors(const Tensor& norms, const ClipOptions& o) {
+  return (o.max_norm() / (norms + o.eps())).clamp_max(1.0);
+}
+
+}  // namespace
+
+ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& loss, const Tensor& x, const Tensor& y,
+                                  const ClipOptions& options) {
+  TORCH_CHECK(options.max_norm() > 0, "torchfunc::dp::clipped_grad_sum: max_norm must be positive, got ",
+              options.max_norm(), ".");
+  TORCH_CHECK(x.dim() >= 1 && y.dim() >= 1 && x.size(0) == y.size(0), "torchfunc::dp::clipped_grad_sum: x and y must "
+              "have the batch in dim 0 with the same size, got shapes ", x.sizes(), " and ", y.sizes(), ".");
+  struct Step {
+    std::string prefix;
+    std::unique_ptr<Rule> rule;
+    Tensor input, output;
+  };
+  std::vector<Step> steps;
+  c10::AutoGradMode grad_on(true);
+  Tensor h = x.detach();
+  size_t index = 0;
+  for (auto& any : *model) {
+    const std::string prefix = std::to_string(index++) + ".";
+    TensorDict params;
+    for (const auto& p : any.ptr()->named_parameters())
+      if (p.value().requires_grad()) params.insert(p.key(), p.value().detach());
+    auto rule = rule_for(any, params);
+    Tensor in = h;
+    h = any.forward(h);
+    if (rule && h.requires_grad()) steps.push_back({prefix, std::move(rule), in.detach(), h});
+  }
+  Tensor losses = loss(h, y);
+  TORCH_CHECK(losses.dim() == 1 && losses.size(0) == x.size(0), "torchfunc::dp::clipped_grad_sum: the loss must "
+              "return one value per sample (shape [", x.size(0), "], reduction none), got shape ", losses.sizes(), ".");
+  std::vector<Tensor> outs;
+  for (const auto& s : steps) outs.push_back(s.output);
+  std::vector<Tensor> gs;
+  if (!outs.empty()) gs = torch::autograd::grad({losses.sum()}, outs, {}, /*retain_graph=*/false,
+                                                /*create_graph=*/false, /*allow_unused=*/true);
+  at::NoGradGuard no_grad;
+  Tensor norm2 = at::zeros({x.size(0)}, losses.options());
+  for (size_t k = 0; k < steps.size(); ++k) {
+    if (!gs[k].defined()) gs[k] = at::zeros_like(steps[k].output);
+    norm2 = norm2 + steps[k].rule->norm2(steps[k].input, gs[k], options.mode());
+  }
+  ClippedGradients r;
+  r.norms = norm2.sqrt();
+  r.losses = losses.detach();
+  const Tensor c = clip_factors(r.norms, options);
+  TensorDict sums;
+  for (size_t k = 0; k < steps.size(); ++k) steps[k].rule->clipped_sum(steps[k].input, gs[k], c, steps[k].prefix, sums);
+  for (const auto& p : model->named_parameters())  // the model's order
+    if (p.value().requires_grad()) r.grad_sum.insert(p.key(), sums.contains(p.key()) ? sums[p.key()] : at::zeros_like(p.value()));
+  return r;
+}
+
+namespace detail {
+ClippedGradients clip_materialized(TensorDict per_sample_grads, Tensor losses, const ClipOptions& options) {
+  TORCH_CHECK(options.max_norm() > 0, "torchfunc::dp::clipped_grad_sum: max_norm must be positive, got ",
+              options.max_norm(), ".");
+  Tensor norm2 = at::zeros({losses.size(0)}, losses.options());
+  for (const auto& e : per_sample_grads.items()) norm2 = norm2 + e.value().pow(2).flatten(1).sum(1);
+  ClippedGradients r;
+  r.norms = norm2.sqrt();
+  r.losses = losses;
+  const Tensor c = clip_factors(r.norms, options);
+  for (const auto& e : per_sample_grads.items()) r.grad_sum.insert(e.key(), (e.value() * per_sample(c, e.value())).sum(0));
+  return r;
+}
+}  // namespace detail
+
+}  // namespace dp
+}  // namespace torchfunc

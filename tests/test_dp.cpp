@@ -1,0 +1,137 @@
+// Tests for dp::clipped_grad_sum: per-sample norms and the clipped sum against
+// a loop of single-sample torch::autograd::grad calls (no transforms), on an
+// MLP, CNNs (stride, padding, dilation, groups; Conv1d), an embedding model
+// and a transformer layer, in every norm mode, and through the vmap(grad)
+// path for a model that is not an nn::Sequential.
+#include "common.h"
+
+namespace nn = torch::nn;
+namespace F = torch::nn::functional;
+namespace dp = torchfunc::dp;
+
+namespace {
+
+Tensor per_sample_ce(const Tensor& out, const Tensor& y) {
+  return F::cross_entropy(out, y, F::CrossEntropyFuncOptions().reduction(torch::kNone));
+}
+
+struct Reference {
+  std::vector<std::vector<Tensor>> grads;  // [sample][parameter]
+  Tensor norms;
+};
+
+/// Per-sample gradients one sample at a time with plain autograd.
+template <class M>
+Reference loop_reference(M& model, const Tensor& x, const Tensor& y) {
+  std::vector<Tensor> params;
+  for (auto& p : model->parameters())
+    if (p.requires_grad()) params.push_back(p);
+  Reference r;
+  std::vector<double> norms;
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    Tensor li = per_sample_ce(model->forward(x.narrow(0, i, 1)), y.narrow(0, i, 1)).sum();
+    auto g = torch::autograd::grad({li}, params, {}, false, false, true);
+    double n2 = 0;
+    for (auto& t : g) {
+      if (!t.defined()) t = torch::zeros({});
+      n2 += t.to(torch::kDouble).pow(2).sum().item<double>();
+    }
+    r.grads.push_back(g);
+    norms.push_back(std::sqrt(n2));
+  }
+  r.norms = torch::tensor(norms, torch::kDouble);
+  return r;
+}
+
+template <class M>
+void expect_matches(M& model, const dp::ClippedGradients& got, const Reference& ref, double clip) {
+  expect_close(got.norms.to(torch::kDouble), ref.norms, 1e-4 * (1 + ref.norms.abs().max().item<double>()));
+  Tensor c = (clip / (ref.norms + 1e-6)).clamp_max(1.0);
+  size_t k = 0;
+  for (const auto& p : model->named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    ASSERT_TRUE(got.grad_sum.contains(p.key())) << p.key();
+    Tensor want = torch::zeros(p.value().sizes(), torch::kDouble);
+    for (size_t i = 0; i < ref.grads.size(); ++i) want += c[i].item<double>() * ref.grads[i][k].to(torch::kDouble);
+    SCOPED_TRACE(p.key());
+    expect_close(got.grad_sum[p.key()].to(torch::kDouble), want, 1e-5 * (1 + want.abs().max().item<double>()));
+    ++k;
+  }
+  EXPECT_EQ(got.grad_sum.size(), k);
+}
+
+/// Checks every mode of the Sequential path, with a clip norm that clips
+/// some samples and not others, and the generic vmap(grad) path.
+void check_model(nn::Sequential model, const Tensor& x, const Tensor& y) {
+  const Reference ref = loop_reference(model, x, y);
+  const double clip = ref.norms.median().item<double>();
+  ASSERT_GT(ref.norms.max().item<double>(), clip);  // some are clipped
+  for (auto mode : {dp::NormMode::Auto, dp::NormMode::Ghost, dp::NormMode::Materialize}) {
+    SCOPED_TRACE("mode " + std::to_string(int(mode)));
+    auto got = dp::clipped_grad_sum(model, per_sample_ce, x, y, dp::ClipOptions().max_norm(clip).mode(mode));
+    expect_matches(model, got, ref, clip);
+    expect_close(got.losses, per_sample_ce(model->forward(x), y).detach(), 1e-5);
+  }
+  // The template overload on a shared_ptr<SequentialImpl>: vmap(grad) of the whole model.
+  auto impl = model.ptr();
+  expect_matches(model, dp::clipped_grad_sum(impl, per_sample_ce, x, y, dp::ClipOptions().max_norm(clip)), ref, clip);
+}
+
+struct BatchFirstEncoderImpl : nn::Module {  // C++'s TransformerEncoderLayer is sequence-first
+  BatchFirstEncoderImpl()
+      : layer(register_module("layer", nn::TransformerEncoderLayer(
+                                           nn::TransformerEncoderLayerOptions(16, 2).dim_feedforward(32).dropout(0.0)))) {
+    static const bool registered = (func::register_module_members<BatchFirstEncoderImpl>(), true);
+    (void)registered;
+  }
+  Tensor forward(const Tensor& x) { return layer(x.transpose(0, 1)).transpose(0, 1); }
+  nn::TransformerEncoderLayer layer;
+};
+TORCH_MODULE(BatchFirstEncoder);
+
+TEST_F(TF, DpClippedSumMatchesLoopOnMlp) {
+  check_model(nn::Sequential(nn::Linear(20, 32), nn::Tanh(), nn::Linear(32, 10)), torch::randn({7, 20}),
+              torch::randint(10, {7}));
+}
+
+TEST_F(TF, DpClippedSumMatchesLoopOnCnns) {
+  nn::Sequential cnn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3).stride(2).padding(1)), nn::ReLU(),
+                     nn::Conv2d(nn::Conv2dOptions(4, 6, 3).groups(2).padding(2).dilation(2)), nn::Tanh(),
+                     nn::Flatten(), nn::Linear(6 * 4 * 4, 5));
+  check_model(cnn, torch::randn({6, 1, 8, 8}), torch::randint(5, {6}));
+  nn::Sequential cnn1d(nn::Conv1d(nn::Conv1dOptions(3, 4, 3).stride(2).padding(1)), nn::ReLU(), nn::Flatten(),
+                       nn::Linear(4 * 5, 2));
+  check_model(cnn1d, torch::randn({6, 3, 10}), torch::randint(2, {6}));
+  // 'same' padding and reflect padding go through the generic rule.
+  nn::Sequential other(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(torch::kSame)), nn::ReLU(),
+                       nn::Conv2d(nn::Conv2dOptions(3, 3, 3).padding(1).padding_mode(torch::kReflect)), nn::Flatten(),
+                       nn::Linear(3 * 5 * 5, 3));
+  check_model(other, torch::randn({5, 2, 5, 5}), torch::randint(3, {5}));
+}
+
+TEST_F(TF, DpClippedSumMatchesLoopOnEmbeddingsAndATransformer) {
+  // Repeated indices within a sample and the padding index 0.
+  nn::Sequential emb(nn::Embedding(nn::EmbeddingOptions(30, 8).padding_idx(0)), nn::Linear(8, 8), nn::Tanh(),
+                     nn::Functional([](const Tensor& t) { return t.mean(1); }), nn::Linear(8, 3));
+  Tensor idx = torch::randint(0, 6, {6, 7});  // few distinct ids: many repeats
+  check_model(emb, idx, torch::randint(3, {6}));
+  nn::Sequential tr(nn::Linear(8, 16), BatchFirstEncoder(), nn::Functional([](const Tensor& t) { return t.mean(1); }),
+                    nn::LayerNorm(nn::LayerNormOptions({16})), nn::Linear(16, 3));
+  check_model(tr, torch::randn({5, 4, 8}), torch::randint(3, {5}));
+}
+
+TEST_F(TF, DpFrozenParametersAndErrors) {
+  nn::Sequential mlp(nn::Linear(4, 5), nn::ReLU(), nn::Linear(5, 2));
+  mlp->ptr(0)->as<nn::Linear>()->weight.set_requires_grad(false);
+  Tensor x = torch::randn({4, 4}), y = torch::randint(2, {4});
+  auto r = dp::clipped_grad_sum(mlp, per_sample_ce, x, y);
+  EXPECT_FALSE(r.grad_sum.contains("0.weight"));
+  expect_matches(mlp, r, loop_reference(mlp, x, y), 1.0);
+  auto mean_loss = [](const Tensor& o, const Tensor& t) { return F::cross_entropy(o, t); };
+  EXPECT_ERROR(dp::clipped_grad_sum(mlp, mean_loss, x, y), "the loss must return one value per sample");
+  EXPECT_ERROR(dp::clipped_grad_sum(mlp, per_sample_ce, x, y.narrow(0, 0, 3)), "same size");
+  EXPECT_ERROR(dp::clipped_grad_sum(mlp, per_sample_ce, x, y, dp::ClipOptions().max_norm(0)),
+               "max_norm must be positive");
+}
+
+}  // namespace
