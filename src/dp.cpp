@@ -67,7 +67,7 @@ class LinearRule : public Rule {
                    TensorDict& out) override {
     auto [a3, g3] = flat(a, g);
     if (m_.weight.requires_grad()) out.insert(prefix + "weight", outer_sum(a3, g3, c));
-    if (m_.bias.defined() && m_.bias.requires_grad()) out.insert(prefix + "bias", (g3 * c.view({-1, 1, 1})).sum({0, 1}));
+    if (m_.bias.defined() && m_.bias.requires_grad()) out.insert(prefix + "bias", (g3 * c.view({-1, 1, 1})).sum(1).sum(0));
   }
 
  private:
@@ -108,7 +108,7 @@ class ConvRule : public Rule {
       for (int64_t k = 0; k < groups_; ++k) rows.push_back(outer_sum(group_in(patches, k), group_out(gg, k), c));
       out.insert(prefix + "weight", at::cat(rows, 0).view(weight_.sizes()));
     }
-    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", (gg * c.view({-1, 1, 1})).sum({0, 1}));
+    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", (gg * c.view({-1, 1, 1})).sum(1).sum(0));
   }
 
  private:
