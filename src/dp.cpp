@@ -165,24 +165,12 @@ class EmbeddingRule : public Rule {
   nn::EmbeddingImpl& m_;
 };
 
-/// Any other child: per-sample gradients of its parameters by vmap over a
-/// vjp of the child alone, at its input row a_i with cotangent g_i.
-class GenericRule : public Rule {
+/// A rule that materialises the child's per-sample gradients in norm2 and
+/// scales them in clipped_sum (cheap when they are small).
+class MaterializedRule : public Rule {
  public:
-  GenericRule(nn::AnyModule& any, TensorDict params) : any_(any), params_(std::move(params)) {}
   Tensor norm2(const Tensor& a, const Tensor& g, NormMode) override {
-    auto call = [&](const TensorDict& p, const Tensor& ai) {
-      std::vector<std::pair<std::string, Tensor>> values;
-      std::vector<size_t> dict_of;
-      torchfunc::detail::collect_dicts(p, values, dict_of);
-      torchfunc::detail::Reparametrize guard(*any_.ptr(), values, dict_of, FunctionalCallOptions());
-      return any_.forward(ai.unsqueeze(0)).squeeze(0);
-    };
-    grads_ = vmap(
-        [&](const Tensor& ai, const Tensor& gi) {
-          auto [out, fn] = vjp([&](const TensorDict& p) { return call(p, ai); }, params_);
-          return std::get<0>(fn(gi));
-        })(a, g);
+    grads_ = per_sample_grads(a, g);
     Tensor n = at::zeros({a.size(0)}, g.options());
     for (const auto& e : grads_.items()) n = n + e.value().pow(2).flatten(1).sum(1);
     return n;
@@ -192,10 +180,88 @@ class GenericRule : public Rule {
     for (const auto& e : grads_.items()) out.insert(prefix + e.key(), (e.value() * per_sample(c, e.value())).sum(0));
   }
 
+ protected:
+  virtual TensorDict per_sample_grads(const Tensor& a, const Tensor& g) = 0;
+
+ private:
+  TensorDict grads_;  // per sample, from norm2
+};
+
+/// LayerNorm / GroupNorm with affine parameters: with x^ the input
+/// normalised without them, example i's weight gradient is the sum of g * x^
+/// over its positions and its bias gradient the sum of g (one value per
+/// normalised element or channel: small, so materialised).
+class AffineNormRule : public MaterializedRule {
+ public:
+  // normalize(a) -> x^; fold(t) -> [B, positions, parameter elements].
+  AffineNormRule(Tensor weight, Tensor bias, std::function<Tensor(const Tensor&)> normalize,
+                 std::function<Tensor(const Tensor&)> fold)
+      : weight_(std::move(weight)), bias_(std::move(bias)), normalize_(std::move(normalize)), fold_(std::move(fold)) {}
+
+ protected:
+  TensorDict per_sample_grads(const Tensor& a, const Tensor& g) override {
+    const int64_t B = a.size(0);
+    std::vector<int64_t> shape{B};
+    TensorDict r;
+    if (weight_.defined() && weight_.requires_grad()) {
+      shape.insert(shape.end(), weight_.sizes().begin(), weight_.sizes().end());
+      r.insert("weight", fold_(g * normalize_(a)).sum(1).view(shape));
+    }
+    if (bias_.defined() && bias_.requires_grad()) {
+      shape.resize(1);
+      shape.insert(shape.end(), bias_.sizes().begin(), bias_.sizes().end());
+      r.insert("bias", fold_(g).sum(1).view(shape));
+    }
+    return r;
+  }
+
+ private:
+  Tensor weight_, bias_;
+  std::function<Tensor(const Tensor&)> normalize_, fold_;
+};
+
+std::unique_ptr<Rule> layer_norm_rule(nn::LayerNormImpl& m) {
+  const std::vector<int64_t> shape = m.options.normalized_shape();
+  const double eps = m.options.eps();
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  return std::make_unique<AffineNormRule>(
+      m.weight, m.bias, [shape, eps](const Tensor& a) { return at::layer_norm(a, shape, {}, {}, eps); },
+      [numel](const Tensor& t) { return t.reshape({t.size(0), -1, numel}); });
+}
+
+std::unique_ptr<Rule> group_norm_rule(nn::GroupNormImpl& m) {
+  const int64_t groups = m.options.num_groups();
+  const double eps = m.options.eps();
+  return std::make_unique<AffineNormRule>(
+      m.weight, m.bias, [groups, eps](const Tensor& a) { return at::group_norm(a, groups, {}, {}, eps); },
+      [](const Tensor& t) { return t.reshape({t.size(0), t.size(1), -1}).transpose(1, 2); });
+}
+
+/// Any other child: per-sample gradients of its parameters by vmap over a
+/// vjp of the child alone, at its input row a_i with cotangent g_i.
+class GenericRule : public MaterializedRule {
+ public:
+  GenericRule(nn::AnyModule& any, TensorDict params) : any_(any), params_(std::move(params)) {}
+
+ protected:
+  TensorDict per_sample_grads(const Tensor& a, const Tensor& g) override {
+    auto call = [&](const TensorDict& p, const Tensor& ai) {
+      std::vector<std::pair<std::string, Tensor>> values;
+      std::vector<size_t> dict_of;
+      torchfunc::detail::collect_dicts(p, values, dict_of);
+      torchfunc::detail::Reparametrize guard(*any_.ptr(), values, dict_of, FunctionalCallOptions());
+      return any_.forward(ai.unsqueeze(0)).squeeze(0);
+    };
+    return vmap([&](const Tensor& ai, const Tensor& gi) {
+      auto [out, fn] = vjp([&](const TensorDict& p) { return call(p, ai); }, params_);
+      return std::get<0>(fn(gi));
+    })(a, g);
+  }
+
  private:
   nn::AnyModule& any_;
   TensorDict params_;
-  TensorDict grads_;  // per sample, from norm2
 };
 
 template <size_t D>
@@ -226,6 +292,8 @@ std::unique_ptr<Rule> rule_for(nn::AnyModule& any, const TensorDict& params) {
     const auto& o = e->options;
     if (!o.max_norm() && !o.scale_grad_by_freq() && !o.sparse()) return std::make_unique<EmbeddingRule>(*e);
   }
+  if (auto* ln = dynamic_cast<nn::LayerNormImpl*>(m)) return layer_norm_rule(*ln);
+  if (auto* gn = dynamic_cast<nn::GroupNormImpl*>(m)) return group_norm_rule(*gn);
   return std::make_unique<GenericRule>(any, params);
 }
 

@@ -1,7 +1,7 @@
 // Tests for dp::clipped_grad_sum: per-sample norms and the clipped sum against
 // a loop of single-sample torch::autograd::grad calls (no transforms), on an
-// MLP, CNNs (stride, padding, dilation, groups; Conv1d), an embedding model
-// and a transformer layer, in every norm mode, and through the vmap(grad)
+// MLP, CNNs (stride, padding, dilation, groups; Conv1d), an embedding model,
+// a transformer layer, LayerNorm and GroupNorm models, in every norm mode, and through the vmap(grad)
 // path for a model that is not an nn::Sequential.
 #include "common.h"
 
@@ -118,6 +118,22 @@ TEST_F(TF, DpClippedSumMatchesLoopOnEmbeddingsAndATransformer) {
   nn::Sequential tr(nn::Linear(8, 16), BatchFirstEncoder(), nn::Functional([](const Tensor& t) { return t.mean(1); }),
                     nn::LayerNorm(nn::LayerNormOptions({16})), nn::Linear(16, 3));
   check_model(tr, torch::randn({5, 4, 8}), torch::randint(3, {5}));
+}
+
+TEST_F(TF, DpClippedSumMatchesLoopWithLayerNormAndGroupNorm) {
+  nn::Sequential ln(nn::Linear(6, 8), nn::LayerNorm(nn::LayerNormOptions({8})), nn::Tanh(), nn::Linear(8, 3));
+  check_model(ln, torch::randn({6, 6}), torch::randint(3, {6}));
+  // Over a sequence: LayerNorm over the last dim (positions summed) and over the last two.
+  nn::Sequential seq(nn::Linear(6, 8), nn::LayerNorm(nn::LayerNormOptions({8})), nn::ReLU(),
+                     nn::LayerNorm(nn::LayerNormOptions({4, 8}).eps(1e-3)), nn::Flatten(), nn::Linear(32, 3));
+  check_model(seq, torch::randn({5, 4, 6}), torch::randint(3, {5}));
+  nn::Sequential gn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::GroupNorm(nn::GroupNormOptions(2, 4)), nn::ReLU(),
+                    nn::Flatten(), nn::Linear(4 * 4 * 4, 3));
+  check_model(gn, torch::randn({6, 1, 6, 6}), torch::randint(3, {6}));
+  // GroupNorm over a sequence (Conv1d), one group per channel.
+  nn::Sequential gn1(nn::Conv1d(nn::Conv1dOptions(2, 4, 3)), nn::GroupNorm(nn::GroupNormOptions(4, 4)), nn::Tanh(),
+                     nn::Flatten(), nn::Linear(4 * 5, 2));
+  check_model(gn1, torch::randn({6, 2, 7}), torch::randint(2, {6}));
 }
 
 TEST_F(TF, DpFrozenParametersAndErrors) {

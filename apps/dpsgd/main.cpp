@@ -5,9 +5,11 @@
 // One step of DP-SGD:
 //   1. Poisson sampling: every training example joins the batch with
 //      probability q = batch_size / N (so the batch size varies).
-//   2. Per-sample gradients g_i = grad of loss(model(x_i), y_i), all at once:
-//        vmap(grad_and_value(loss over functional_call), in_dims(none, 0, 0)).
-//   3. Clip each g_i to L2 norm <= C (over all parameters together).
+//   2. Clip each example's gradient g_i = grad of loss(model(x_i), y_i) to L2
+//      norm <= C (over all parameters together) and sum: torchfunc::dp::
+//      clipped_grad_sum, by default from each layer's inputs and output
+//      gradients without materialising g_i (--clipping ghost), or from all g_i
+//      at once by vmap(grad_and_value(loss over functional_call)) (--clipping vmap).
 //   4. Sum, add Gaussian noise N(0, (sigma*C)^2), divide by the expected batch
 //      size, and let a torch::optim::SGD take the step.
 // Privacy: the PRV accountant (default) or the RDP one, both for the
@@ -61,6 +63,7 @@ struct Config {
   uint64_t seed = 0;
   int threads = 0;
   bool non_private = false;
+  std::string clipping = "ghost";  // ghost (dp::clipped_grad_sum's per-layer norms) or vmap (vmap(grad))
 };
 
 // Presets. "quick" is the default: a few minutes on 2 cores, and the model
@@ -161,31 +164,30 @@ double test_accuracy(nn::Sequential& model, const Data& test) {
   return 100.0 * correct / test.x.size(0);
 }
 
+// Per-sample losses (reduction none): what dp::clipped_grad_sum clips by.
+Tensor per_sample_nll(const Tensor& logits, const Tensor& y) {
+  return torch::nll_loss(torch::log_softmax(logits, 1), y, {}, at::Reduction::None);
+}
+
 // One DP-SGD step on the examples `idx`; returns the sum of their losses.
 double dp_step(nn::Sequential& model, const func::TensorDict& params, torch::optim::SGD& opt, const Data& train,
                const Tensor& idx, const Config& c) {
-  auto loss = [&](const func::TensorDict& p, const Tensor& x, const Tensor& y) {
-    Tensor logits = func::functional_call(model, p, x.unsqueeze(0));
-    return torch::nll_loss(torch::log_softmax(logits, 1), y.unsqueeze(0));
-  };
-  auto per_sample = func::vmap(func::grad_and_value(loss), func::in_dims(func::none, 0, 0));
-
+  const auto clip = func::dp::ClipOptions().max_norm(c.clip);
   std::vector<Tensor> sums;
   for (const auto& p : params) sums.push_back(torch::zeros_like(p.value()));
   double loss_sum = 0;
   for (int64_t s = 0; s < idx.size(0); s += c.physical_batch) {
     Tensor chunk = idx.slice(0, s, s + c.physical_batch);
-    auto [grads, losses] = per_sample(params, train.x.index_select(0, chunk), train.y.index_select(0, chunk));
-    loss_sum += losses.sum().item<double>();
-    const int64_t b = chunk.size(0);
-    Tensor sq_norm = torch::zeros({b}, losses.options());
-    for (const auto& g : grads) sq_norm += g.value().reshape({b, -1}).pow(2).sum(1);
-    Tensor scale = (c.clip / (sq_norm.sqrt() + 1e-6)).clamp_max(1.0);  // clip to norm <= C
+    Tensor x = train.x.index_select(0, chunk), y = train.y.index_select(0, chunk);
+    // ghost: per-layer norms from activations and output gradients, no
+    // per-sample gradient of a Linear/Conv2d materialised (nn::Sequential
+    // overload); vmap: vmap(grad(loss over functional_call)) materialises
+    // them all, then clips (the overload for any other model).
+    auto r = c.clipping == "ghost" ? func::dp::clipped_grad_sum(model, per_sample_nll, x, y, clip)
+                                   : func::dp::clipped_grad_sum(model.ptr(), per_sample_nll, x, y, clip);
+    loss_sum += r.losses.sum().item<double>();
     size_t k = 0;
-    for (const auto& g : grads) {
-      sums[k] += scale.matmul(g.value().reshape({b, -1})).view_as(sums[k]);  // sum_i scale_i * g_i
-      ++k;
-    }
+    for (const auto& p : params) sums[k++] += r.grad_sum[p.key()];
   }
   // Noise std sigma*C on the sum; divide by the expected batch size q*N (the
   // actual Poisson batch size would leak whether an example took part).
@@ -230,6 +232,7 @@ int run(Config& c) {
   if (c.batch_size <= 0 || c.batch_size > n) throw std::invalid_argument("--batch-size must be in [1, training set size]");
   const double q = double(c.batch_size) / n;
   const int64_t steps_per_epoch = (n + c.batch_size - 1) / c.batch_size;
+  if (c.clipping != "ghost" && c.clipping != "vmap") throw std::invalid_argument("--clipping must be ghost or vmap");
   if (c.accountant != "prv" && c.accountant != "rdp") throw std::invalid_argument("--accountant must be prv or rdp");
   const bool use_prv = c.accountant == "prv";
   if (!c.non_private && c.target_epsilon > 0)
@@ -252,7 +255,9 @@ int run(Config& c) {
               device.is_cpu() && c.caching_allocator ? ", caching CPU allocator" : "");
   std::printf("  epochs %d, batch %lld (q = %.5f, %lld steps/epoch), lr %g, momentum %g", c.epochs,
               (long long)c.batch_size, q, (long long)steps_per_epoch, c.lr, c.momentum);
-  if (!c.non_private) std::printf(", clip C = %g, noise sigma = %.4g, delta = %g", c.clip, c.noise, c.delta);
+  if (!c.non_private)
+    std::printf(", clip C = %g (%s clipping), noise sigma = %.4g, delta = %g", c.clip, c.clipping.c_str(), c.noise,
+                c.delta);
   std::printf("\n  initial test accuracy %.2f%%\n", test_accuracy(model, test));
 
   std::filesystem::create_directories(c.out_dir);
@@ -301,7 +306,7 @@ int run(Config& c) {
   nlohmann::json out = {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"delta", c.delta}, {"seed", c.seed},
-                  {"accountant", c.accountant},
+                  {"accountant", c.accountant}, {"clipping", c.clipping},
                   {"activation", c.activation}, {"non_private", c.non_private}, {"train_examples", n},
                   {"threads", torch::get_num_threads()}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
@@ -343,7 +348,11 @@ int main(int argc, char** argv) {
   app.add_option("--momentum", c.momentum, "SGD momentum (default: preset)");
   app.add_option("--delta", c.delta, "delta of (epsilon, delta)-DP")->capture_default_str();
   app.add_option("--activation", c.activation, "tanh or relu")->capture_default_str();
-  app.add_option("--physical-batch", c.physical_batch, "per-sample gradients per vmap call")->capture_default_str();
+  app.add_option("--clipping", c.clipping,
+                 "ghost (per-layer norms from activations and output gradients, no per-sample gradient "
+                 "materialised; torchfunc::dp) or vmap (vmap(grad) materialises them)")
+      ->capture_default_str();
+  app.add_option("--physical-batch", c.physical_batch, "examples per clipped_grad_sum call")->capture_default_str();
   app.add_option("--train-limit", c.train_limit, "use only the first n training images (0 = all)");
   app.add_option("--seed", c.seed, "random seed")->capture_default_str();
   app.add_option("--threads", c.threads, "intra-op threads (default: all cores)");

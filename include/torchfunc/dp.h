@@ -10,7 +10,9 @@
 // c_i = min(1, C / (||grad_i|| + eps)) the clipped sum is g^T diag(c) a: one
 // more product from what the single backward pass kept, no second pass.
 // Linear, Conv1d/Conv2d (any stride, padding, dilation, groups; zero padding)
-// and Embedding get these rules; any other layer with parameters gets its
+// and Embedding get these rules; LayerNorm and GroupNorm materialise their
+// small per-sample gradients (sum of g * x^ over positions, x^ the input
+// normalised without affine parameters); any other layer with parameters gets its
 // per-sample gradients by vmap over a vjp of that layer alone, and any model
 // that is not an nn::Sequential by vmap(grad) of the whole model.
 #pragma once
