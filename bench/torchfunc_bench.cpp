@@ -1,4 +1,4 @@
-// torchfunc_bench: the workloads of ../shared/WORKLOADS.md (W1-W9) and their
+// torchfunc_bench: the workloads of ../shared/WORKLOADS.md (W1-W10) and their
 // plain baselines, one case per process run (allocation history changes
 // timings). bench/workloads.py is the same on Python's torch.func / functorch;
 // bench/run.py runs both side by side.
@@ -20,6 +20,8 @@
 #include <functional>
 #include <map>
 #include <thread>
+
+#include "model.h"  // apps/dpsgd: the demo's CNN (W10)
 
 namespace func = torchfunc;
 namespace nn = torch::nn;
@@ -110,6 +112,71 @@ std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> mak
   };
   return {{id + "/vmap", "vmap(grad(loss over functional_call))", setup_vmap},
           {id + "/loop", "baseline: loop of single-sample autograd.grad", setup_loop}};
+}
+
+// ---- W10: one DP-SGD step vs the plain step ---------------------------------------------
+// Both steps: a batch of exactly the expected size B (a Poisson batch's size
+// varies; the same B keeps the two sides' shapes equal), cross-entropy, SGD
+// with momentum 0.9. The DP step clips every example's gradient to C = 1,
+// sums, adds N(0, sigma^2 C^2) noise with sigma = 1 and divides by B.
+
+Tensor per_sample_ce(const Tensor& out, const Tensor& y) {
+  return F::cross_entropy(out, y, F::CrossEntropyFuncOptions().reduction(torch::kNone));
+}
+
+std::vector<Case> dp_cases() {
+  struct Model {
+    std::string name;
+    std::function<nn::Sequential()> make;
+    std::vector<int64_t> sample_shape;
+  };
+  const std::vector<Model> models = {{"cnn", [] { return dpsgd::make_model("tanh"); }, {1, 28, 28}},
+                                     {"mlp", [] { return mlp(784, 512, 10); }, {784}}};
+  std::vector<Case> cases;
+  for (const auto& m : models)
+    for (int64_t batch : {256, 2048}) {
+      const std::string tail = "/" + m.name + "/" + std::to_string(batch);
+      std::vector<int64_t> shape{batch};
+      shape.insert(shape.end(), m.sample_shape.begin(), m.sample_shape.end());
+      // mode: "plain", "ghost" (dp::clipped_grad_sum on the Sequential: per-layer
+      // norms) or "vmap" (the vmap(grad) overload, in chunks of 256 as the demo).
+      auto setup = [=](std::string mode) {
+        return [=] {
+          auto model = std::make_shared<nn::Sequential>(m.make());
+          auto opt = std::make_shared<torch::optim::SGD>((*model)->parameters(),
+                                                         torch::optim::SGDOptions(0.05).momentum(0.9));
+          Tensor x = torch::randn(shape), y = torch::randint(10, {batch});
+          return Call([=] {
+            if (mode == "plain") {
+              opt->zero_grad();
+              F::cross_entropy((*model)->forward(x), y).backward();
+              opt->step();
+              return;
+            }
+            const auto clip = func::dp::ClipOptions().max_norm(1.0);
+            TensorDict sums;
+            const int64_t chunk = mode == "vmap" ? 256 : batch;
+            for (int64_t s = 0; s < batch; s += chunk) {
+              Tensor xs = x.narrow(0, s, std::min(chunk, batch - s)), ys = y.narrow(0, s, xs.size(0));
+              auto r = mode == "ghost" ? func::dp::clipped_grad_sum(*model, per_sample_ce, xs, ys, clip)
+                                       : func::dp::clipped_grad_sum(model->ptr(), per_sample_ce, xs, ys, clip);
+              for (const auto& g : r.grad_sum)
+                if (sums.contains(g.key())) sums[g.key()] += g.value();
+                else sums.insert(g.key(), g.value());
+            }
+            for (auto& g : sums) g.value().add_(torch::randn_like(g.value()), 1.0).div_(double(batch));
+            func::set_grads(*model, sums);
+            opt->step();
+          });
+        };
+      };
+      cases.push_back({"W10/nonprivate_step" + tail, "plain step: mean cross-entropy, backward, SGD", setup("plain")});
+      cases.push_back({"W10/dp_step" + tail, "DP-SGD step: dp::clipped_grad_sum (ghost/materialised per layer), noise, SGD",
+                       setup("ghost")});
+      cases.push_back({"W10/dp_step_vmap" + tail, "DP-SGD step: vmap(grad) per-sample gradients (chunks of 256), clip, noise, SGD",
+                       setup("vmap")});
+    }
+  return cases;
 }
 
 // ---- the cases ------------------------------------------------------------------------
@@ -388,6 +455,7 @@ std::vector<Case> all_cases() {
                        });
                      }});
   }
+  add(dp_cases());
   cases.push_back({"W9/autograd_sin", "baseline: autograd.grad of sin on a 0-dim tensor", [=] {
                      Tensor x = torch::randn({}, g_device);
                      return Call([=] {
@@ -433,7 +501,7 @@ int main(int argc, char** argv) {
   bool all = false, list = false;
   int reps = 20, threads = 1;
   double min_time = 0.0;
-  CLI::App app{"torchfunc benchmarks (WORKLOADS.md W1-W9); one JSON line per case"};
+  CLI::App app{"torchfunc benchmarks (WORKLOADS.md W1-W10); one JSON line per case"};
   app.add_option("--case", which, "run one case, e.g. W2/vmap");
   app.add_flag("--all", all, "run every case (smoke test with --reps 1)");
   app.add_flag("--list", list, "list the cases");

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The WORKLOADS.md cases (W1-W9) on Python's torch.func (torch >= 2.0) or
+"""The WORKLOADS.md cases (W1-W10; W10 on Opacus) on Python's torch.func (torch >= 2.0) or
 functorch (Debian's python3-torch 1.13): the Python side of bench/run.py.
 Same cases, shapes, data and protocol as bench/torchfunc_bench.cpp.
 
@@ -260,7 +260,58 @@ def cases():
         return run
     c["W9/grad_sin"], c["W9/vmap_sin"], c["W9/jvp_sin"], c["W9/vjp_sin"], c["W9/autograd_sin"] = (
         w9_grad, w9_vmap, w9_jvp, w9_vjp, w9_autograd)
+    for model in ("cnn", "mlp"):
+        for batch in (256, 2048):
+            tail = f"/{model}/{batch}"
+            c["W10/nonprivate_step" + tail] = w10("plain", model, batch)
+            c["W10/dp_step" + tail] = w10("ghost", model, batch)
+            c["W10/dp_step_vmap" + tail] = w10("hooks", model, batch)
     return c
+
+
+def dpsgd_cnn():  # apps/dpsgd/model.h: the CNN of Papernot et al.
+    return nn.Sequential(nn.Conv2d(1, 16, 8, stride=2, padding=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+                         nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1), nn.Flatten(),
+                         nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10))
+
+
+OPACUS = None  # "opacus <version> <mode>" for the W10 cases' Python side
+
+
+def w10(kind, model_name, batch):
+    """W10: one step on a batch of exactly B examples, SGD with momentum 0.9.
+    plain: PyTorch's non-private step. ghost: Opacus's fast gradient clipping
+    (its fastest mode: ghost norms for Linear, per-sample gradients for the
+    rest, two backward passes). hooks: Opacus's default (per-sample gradients
+    of every layer from hooks). Both: clip C = 1, noise sigma = 1."""
+    def setup():
+        global OPACUS
+        model = dpsgd_cnn() if model_name == "cnn" else mlp(784, 512, 10)
+        x = torch.randn((batch, 1, 28, 28) if model_name == "cnn" else (batch, 784))
+        y = torch.randint(10, (batch,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        loss_fn = nn.CrossEntropyLoss()
+        if kind != "plain":
+            import warnings
+            import opacus
+            from torch.utils.data import DataLoader, TensorDataset
+            warnings.filterwarnings("ignore", module="opacus")  # its per-call warnings would be timed too
+            warnings.filterwarnings("ignore", message="Full backward hook")
+            OPACUS = f"opacus {opacus.__version__} {kind}"
+            loader = DataLoader(TensorDataset(x, y), batch_size=batch)  # expected batch size B
+            private = opacus.PrivacyEngine().make_private(
+                module=model, optimizer=opt, data_loader=loader, criterion=loss_fn, noise_multiplier=1.0,
+                max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=kind)
+            model, opt = private[0], private[1]
+            if kind == "ghost":
+                loss_fn = private[2]  # its loss runs both backward passes
+
+        def run():
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        return run
+    return setup
 
 
 def run_case(name, setup, reps, min_time):
@@ -283,7 +334,7 @@ def run_case(name, setup, reps, min_time):
         if len(us) >= reps * 20:
             break
     return {"case": name, "side": "python", "median_us": statistics.median(us), "min_us": min(us), "reps": len(us),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "api": API, "device": DEVICE}
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "api": OPACUS or API, "device": DEVICE}
 
 
 def main():

@@ -17,11 +17,11 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 echo "setup: Debian $(cat /etc/debian_version 2>/dev/null || echo '?'), libtorch: $flavour"
 
-# zlib, libgd, CLI11, nlohmann-json, FFTW (the PRV accountant) and the Fashion-MNIST dataset serve the
+# zlib, libgd, CLI11, nlohmann-json, FFTW (the PRV accountant), gloo's headers (--nproc) and the Fashion-MNIST dataset serve the
 # DP-SGD demo and the tutorial programs; nlohmann-json also libtorch 2.x's
 # functorch headers (the wheel does not ship it).
 PKGS="build-essential cmake ccache libgtest-dev googletest zlib1g-dev libgd-dev libcli11-dev
-      nlohmann-json3-dev dataset-fashion-mnist libfftw3-dev"
+      nlohmann-json3-dev dataset-fashion-mnist libfftw3-dev libgloo-dev"
 case "$flavour" in
   debian) PKGS="$PKGS libtorch-dev libopenblas0-openmp" ;;
   wheel) PKGS="$PKGS python3-venv" ;;

@@ -30,7 +30,9 @@
 #include <fstream>
 #include <thread>
 
+#include "distributed.h"
 #include "idx_reader.h"
+#include "model.h"
 #include "plot.h"
 #include "prv_accountant.h"
 #include "rdp_accountant.h"
@@ -64,6 +66,13 @@ struct Config {
   int threads = 0;
   bool non_private = false;
   std::string clipping = "ghost";  // ghost (dp::clipped_grad_sum's per-layer norms) or vmap (vmap(grad))
+  // Data parallel (distributed.h): --nproc N starts N local ranks; or run
+  // each rank yourself with --rank, --world-size, --master-addr/-port.
+  int nproc = 1;
+  dpsgd::WorldOptions world;
+  bool rank_given = false;
+  int debug_exit_rank = -1, debug_exit_step = -1;  // tests: that rank _exit()s (or stalls) at that step
+  bool debug_stall = false;
 };
 
 // Presets. "quick" is the default: a few minutes on 2 cores, and the model
@@ -100,28 +109,6 @@ Data to_tensors(const dpsgd::ImageSet& set, int64_t limit, torch::Device device)
   Tensor x = (pixels.to(torch::kFloat) / 255.0 - 0.2860) / 0.3530;
   Tensor y = torch::from_blob(const_cast<uint8_t*>(set.labels.data()), {n}, torch::kUInt8).to(torch::kLong);
   return {x.to(device), y.to(device)};
-}
-
-// ---- model: the CNN of Papernot et al. (also Opacus' and TF Privacy's MNIST model)
-
-nn::Sequential make_model(const std::string& activation) {
-  auto act = [&]() -> nn::AnyModule {
-    if (activation == "tanh") return nn::AnyModule(nn::Tanh());
-    if (activation == "relu") return nn::AnyModule(nn::ReLU());
-    throw std::invalid_argument("unknown --activation '" + activation + "' (tanh, relu)");
-  };
-  nn::Sequential m;
-  m->push_back(nn::Conv2d(nn::Conv2dOptions(1, 16, 8).stride(2).padding(2)));  // 28 -> 13
-  m->push_back(act());
-  m->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(2).stride(1)));  // 13 -> 12
-  m->push_back(nn::Conv2d(nn::Conv2dOptions(16, 32, 4).stride(2)));  // 12 -> 5
-  m->push_back(act());
-  m->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(2).stride(1)));  // 5 -> 4
-  m->push_back(nn::Flatten());
-  m->push_back(nn::Linear(32 * 4 * 4, 32));
-  m->push_back(act());
-  m->push_back(nn::Linear(32, 10));
-  return m;
 }
 
 // ---- progress -------------------------------------------------------------------
@@ -170,8 +157,11 @@ Tensor per_sample_nll(const Tensor& logits, const Tensor& y) {
 }
 
 // One DP-SGD step on the examples `idx`; returns the sum of their losses.
+// With several ranks, `train` is this rank's shard and `idx` its part of the
+// batch; the clipped sums (and the loss) are summed over the ranks before
+// the noise, which every rank draws alike (one seed, one sequence of draws).
 double dp_step(nn::Sequential& model, const func::TensorDict& params, torch::optim::SGD& opt, const Data& train,
-               const Tensor& idx, const Config& c) {
+               const Tensor& idx, const Config& c, dpsgd::World& world) {
   const auto clip = func::dp::ClipOptions().max_norm(c.clip);
   std::vector<Tensor> sums;
   for (const auto& p : params) sums.push_back(torch::zeros_like(p.value()));
@@ -188,6 +178,12 @@ double dp_step(nn::Sequential& model, const func::TensorDict& params, torch::opt
     loss_sum += r.losses.sum().item<double>();
     size_t k = 0;
     for (const auto& p : params) sums[k++] += r.grad_sum[p.key()];
+  }
+  if (world.size() > 1) {
+    sums.push_back(torch::full({1}, loss_sum, sums[0].options()));
+    world.all_reduce_sum(sums);
+    loss_sum = sums.back().item<double>();
+    sums.pop_back();
   }
   // Noise std sigma*C on the sum; divide by the expected batch size q*N (the
   // actual Poisson batch size would leak whether an example took part).
@@ -215,7 +211,10 @@ double plain_step(nn::Sequential& model, torch::optim::SGD& opt, const Data& tra
 
 int run(Config& c) {
   apply_preset(c);
-  if (c.threads <= 0) c.threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  if (c.world.world_size > 1 && c.non_private)
+    throw std::invalid_argument("--nproc / --world-size > 1 runs DP-SGD only (not --non-private)");
+  if (c.threads <= 0)  // the cores shared among this machine's ranks
+    c.threads = int(std::max(1u, std::thread::hardware_concurrency() / unsigned(std::max(1, c.world.world_size))));
   torch::set_num_threads(c.threads);
   torch::Device device = torch::kCPU;
   if (c.device == "cuda" || (c.device == "auto" && torch::cuda::is_available())) device = torch::kCUDA;
@@ -229,6 +228,14 @@ int run(Config& c) {
   auto test_set = dpsgd::load_split(c.data_dir, "t10k");
   Data train = to_tensors(train_set, c.train_limit, device), test = to_tensors(test_set, 0, device);
   const int64_t n = train.x.size(0);
+  dpsgd::World world(c.world);  // with several ranks: the process group, after the rendezvous
+  const bool lead = world.rank() == 0;  // prints, evaluates, writes files
+  // This rank's shard: examples rank, rank + size, ... (all of them with one rank).
+  Tensor shard;
+  if (world.size() > 1) {
+    shard = torch::arange(world.rank(), n, world.size(), torch::TensorOptions().dtype(torch::kLong).device(device));
+    train = {train.x.index_select(0, shard), train.y.index_select(0, shard)};
+  }
   if (c.batch_size <= 0 || c.batch_size > n) throw std::invalid_argument("--batch-size must be in [1, training set size]");
   const double q = double(c.batch_size) / n;
   const int64_t steps_per_epoch = (n + c.batch_size - 1) / c.batch_size;
@@ -239,7 +246,7 @@ int run(Config& c) {
     c.noise = use_prv ? dpsgd::noise_for_epsilon_prv(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta)
                       : dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta);
 
-  nn::Sequential model = make_model(c.activation);
+  nn::Sequential model = dpsgd::make_model(c.activation);
   model->to(device);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(c.lr).momentum(c.momentum));
   const func::TensorDict params = func::named_parameters(model);  // shares storage with the model
@@ -248,6 +255,7 @@ int run(Config& c) {
   dpsgd::PrvAccountant prv;
   auto spent = [&](bool with_prv) { return with_prv ? prv.epsilon(c.delta).upper : rdp.spent(c.delta).epsilon; };
 
+  if (lead) {
   std::printf("torchfunc-dpsgd: %s training of a %s CNN on Fashion-MNIST (%lld train, %lld test images)\n",
               c.non_private ? "NON-PRIVATE" : "DP-SGD", c.activation.c_str(), (long long)n, (long long)test.x.size(0));
   std::printf("  device %s, %d threads, libtorch %s, seed %llu%s\n", device.str().c_str(), torch::get_num_threads(),
@@ -258,12 +266,19 @@ int run(Config& c) {
   if (!c.non_private)
     std::printf(", clip C = %g (%s clipping), noise sigma = %.4g, delta = %g", c.clip, c.clipping.c_str(), c.noise,
                 c.delta);
+  if (world.size() > 1)
+    std::printf("\n  %d ranks (%s:%d), each clipping its shard of about %lld examples; clipped sums all-reduced",
+                world.size(), c.world.master_addr.c_str(), c.world.master_port, (long long)train.x.size(0));
   std::printf("\n  initial test accuracy %.2f%%\n", test_accuracy(model, test));
+  }
 
-  std::filesystem::create_directories(c.out_dir);
   nlohmann::json records = nlohmann::json::array();
-  std::ofstream csv(c.out_dir + "/metrics.csv");
-  csv << "epoch,train_loss,test_accuracy,epsilon,seconds\n";
+  std::ofstream csv;
+  if (lead) {
+    std::filesystem::create_directories(c.out_dir);
+    csv.open(c.out_dir + "/metrics.csv");
+    csv << "epoch,train_loss,test_accuracy,epsilon,seconds\n";
+  }
   auto t_start = Clock::now();
   for (int epoch = 1; epoch <= c.epochs; ++epoch) {
     Progress progress(epoch, c.epochs, steps_per_epoch);
@@ -276,14 +291,24 @@ int run(Config& c) {
         idx = order.slice(0, step * c.batch_size, (step + 1) * c.batch_size);
         loss_sum += plain_step(model, opt, train, idx);
       } else {
-        idx = (torch::rand({n}, train.x.options()) < q).nonzero().view(-1);  // Poisson sampling
-        if (idx.size(0) > 0) loss_sum += dp_step(model, params, opt, train, idx, c);
+        // Poisson sampling over the whole training set, drawn alike on every
+        // rank; each takes the part that falls in its shard.
+        Tensor mask = torch::rand({n}, train.x.options()) < q;
+        idx = (world.size() > 1 ? mask.index_select(0, shard) : mask).nonzero().view(-1);
+        const int64_t batch = world.size() > 1 ? mask.sum().item<int64_t>() : idx.size(0);
+        if (world.rank() == c.debug_exit_rank && step == c.debug_exit_step) {  // tests: a rank dies or hangs
+          if (c.debug_stall) std::this_thread::sleep_for(std::chrono::hours(1));
+          std::_Exit(3);
+        }
+        if (batch > 0) loss_sum += dp_step(model, params, opt, train, idx, c, world);
         rdp.step(q, c.noise);
         prv.step(q, c.noise);
+        seen += batch;
       }
-      seen += idx.size(0);
-      progress.update(step + 1, seen);
+      if (c.non_private) seen += idx.size(0);
+      if (lead) progress.update(step + 1, seen);
     }
+    if (!lead) continue;
     double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
     double acc = test_accuracy(model, test);
     double eps = c.non_private ? INFINITY : spent(use_prv);
@@ -301,12 +326,13 @@ int run(Config& c) {
         << secs << "\n" << std::flush;
   }
 
+  if (!lead) return 0;
   // Metrics, chart, checkpoint.
   const double wall = std::chrono::duration<double>(Clock::now() - t_start).count();
   nlohmann::json out = {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"delta", c.delta}, {"seed", c.seed},
-                  {"accountant", c.accountant}, {"clipping", c.clipping},
+                  {"accountant", c.accountant}, {"clipping", c.clipping}, {"ranks", world.size()},
                   {"activation", c.activation}, {"non_private", c.non_private}, {"train_examples", n},
                   {"threads", torch::get_num_threads()}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
@@ -360,9 +386,41 @@ int main(int argc, char** argv) {
   app.add_flag("--caching-allocator,!--no-caching-allocator", c.caching_allocator,
                "CPU: allocate through torchfunc::use_caching_cpu_allocator() (default on)");
   app.add_flag("--non-private", c.non_private, "plain minibatch SGD, no clipping, no noise (for comparison)");
+  app.add_option("--nproc", c.nproc,
+                 "data-parallel DP-SGD: start this many local processes (ranks), each clipping a disjoint shard; "
+                 "the clipped sums are all-reduced over gloo and the noise added once")
+      ->capture_default_str();
+  auto* rank_opt = app.add_option("--rank", c.world.rank, "this process's rank (set by --nproc, or by hand on each "
+                                  "machine with --world-size and --master-addr/--master-port)");
+  app.add_option("--world-size", c.world.world_size, "number of ranks in all")->capture_default_str();
+  app.add_option("--master-addr", c.world.master_addr, "rank 0's address (its TCP store)")->capture_default_str();
+  app.add_option("--master-port", c.world.master_port, "rank 0's TCP store port (--nproc: 0 = a free one)");
+  app.add_option("--dist-timeout", c.world.timeout_s, "seconds before a silent peer is an error")
+      ->capture_default_str();
+  app.add_option("--debug-exit-rank", c.debug_exit_rank)->group("");  // tests: a rank that dies
+  app.add_option("--debug-exit-step", c.debug_exit_step)->group("");
+  app.add_flag("--debug-stall", c.debug_stall)->group("");
+  c.world.master_port = 0;
   CLI11_PARSE(app, argc, argv);
   try {
+    if (c.nproc > 1 && rank_opt->count() == 0) {  // the launcher: this program once per rank
+      std::vector<std::string> args;
+      for (int i = 0; i < argc; ++i) {
+        std::string a = argv[i];
+        if (a == "--nproc" || a == "--master-port") { ++i; continue; }
+        if (a.rfind("--nproc=", 0) == 0 || a.rfind("--master-port=", 0) == 0) continue;
+        args.push_back(a);
+      }
+      const int port = c.world.master_port > 0 ? c.world.master_port : dpsgd::free_port();
+      return dpsgd::launch_local(args, c.nproc, port, c.world.timeout_s + 10);
+    }
+    if (c.nproc > 1) c.world.world_size = c.nproc;
+    if (c.world.world_size > 1 && c.world.master_port == 0)
+      throw std::invalid_argument("--world-size > 1 needs --master-port (or use --nproc)");
     return run(c);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "torchfunc-dpsgd: error: %s\n", e.what_without_backtrace());
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "torchfunc-dpsgd: error: %s\n", e.what());
     return 1;

@@ -1,0 +1,33 @@
+// The demo's model: the CNN of Papernot et al. (AAAI 2021), also Opacus' and
+// TF Privacy's MNIST model. Header-only: bench/ times DP-SGD steps of it (W10).
+#pragma once
+
+#include <torch/nn.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace dpsgd {
+
+inline torch::nn::Sequential make_model(const std::string& activation) {
+  namespace nn = torch::nn;
+  auto act = [&]() -> nn::AnyModule {
+    if (activation == "tanh") return nn::AnyModule(nn::Tanh());
+    if (activation == "relu") return nn::AnyModule(nn::ReLU());
+    throw std::invalid_argument("unknown --activation '" + activation + "' (tanh, relu)");
+  };
+  nn::Sequential m;
+  m->push_back(nn::Conv2d(nn::Conv2dOptions(1, 16, 8).stride(2).padding(2)));  // 28 -> 13
+  m->push_back(act());
+  m->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(2).stride(1)));  // 13 -> 12
+  m->push_back(nn::Conv2d(nn::Conv2dOptions(16, 32, 4).stride(2)));  // 12 -> 5
+  m->push_back(act());
+  m->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(2).stride(1)));  // 5 -> 4
+  m->push_back(nn::Flatten());
+  m->push_back(nn::Linear(32 * 4 * 4, 32));
+  m->push_back(act());
+  m->push_back(nn::Linear(32, 10));
+  return m;
+}
+
+}  // namespace dpsgd

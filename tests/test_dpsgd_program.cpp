@@ -1,0 +1,152 @@
+// The DP-SGD demo program end to end (run as a process, as a user would):
+// its two clipping modes follow the same run, a 2-rank data-parallel run gives
+// the single-process run's parameters, and a rank that dies or hangs makes the
+// run fail with a clear error instead of hanging.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "model.h"
+
+namespace fs = std::filesystem;
+using torch::Tensor;
+
+namespace {
+
+struct DemoRun {
+  int status;
+  double seconds;
+  std::string log;
+  nlohmann::json metrics;
+  std::vector<Tensor> params;
+};
+
+fs::path scratch() {
+  struct Dir {  // removed at exit
+    fs::path path = fs::temp_directory_path() / ("torchfunc-dpsgd-test-" + std::to_string(::getpid()));
+    ~Dir() {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  };
+  static const Dir dir;
+  fs::create_directories(dir.path);
+  return dir.path;
+}
+
+/// torchfunc-dpsgd with `args` and its own out dir; reads what it wrote.
+DemoRun run_demo(const std::string& name, const std::string& args) {
+  const fs::path out = scratch() / name, log = scratch() / (name + ".log");
+  const std::string cmd =
+      std::string(TORCHFUNC_DPSGD_BIN) + " " + args + " --out-dir " + out.string() + " > " + log.string() + " 2>&1";
+  DemoRun r;
+  auto t0 = std::chrono::steady_clock::now();
+  r.status = std::system(cmd.c_str());
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::ifstream in(log);
+  r.log.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (r.status == 0) {
+    std::ifstream m(out / "metrics.json");
+    r.metrics = nlohmann::json::parse(m);
+    auto model = dpsgd::make_model("tanh");
+    torch::load(model, (out / "model.pt").string());
+    for (const auto& p : model->parameters()) r.params.push_back(p.detach().clone());
+  }
+  return r;
+}
+
+double max_diff(const std::vector<Tensor>& a, const std::vector<Tensor>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double d = 0;
+  for (size_t k = 0; k < a.size() && k < b.size(); ++k) d = std::max(d, (a[k] - b[k]).abs().max().item<double>());
+  return d;
+}
+
+/// The demo's initial parameters for a seed (it seeds, reads data, builds the model).
+std::vector<Tensor> initial_params(uint64_t seed) {
+  torch::manual_seed(seed);
+  std::vector<Tensor> r;
+  for (const auto& p : dpsgd::make_model("tanh")->parameters()) r.push_back(p.detach().clone());
+  return r;
+}
+
+const std::string kSmoke = "--preset smoke --threads 2 ";
+
+// --clipping ghost (per-layer norms, nothing materialised) and vmap (every
+// per-sample gradient materialised) compute the same clipped sums up to
+// rounding and draw the same random numbers, so with one seed the two runs
+// follow the same trajectory.
+TEST(DemoProgram, GhostAndVmapClippingFollowTheSameRun) {
+  DemoRun g = run_demo("ghost", kSmoke + "--epochs 2 --seed 7 --clipping ghost");
+  DemoRun v = run_demo("vmap", kSmoke + "--epochs 2 --seed 7 --clipping vmap");
+  ASSERT_EQ(g.status, 0) << g.log;
+  ASSERT_EQ(v.status, 0) << v.log;
+  EXPECT_EQ(g.metrics["config"]["clipping"], "ghost");
+  EXPECT_EQ(v.metrics["config"]["clipping"], "vmap");
+  ASSERT_EQ(g.metrics["epochs"].size(), 2u);
+  ASSERT_EQ(v.metrics["epochs"].size(), 2u);
+  for (size_t e = 0; e < 2; ++e) {
+    const auto &a = g.metrics["epochs"][e], &b = v.metrics["epochs"][e];
+    SCOPED_TRACE("epoch " + std::to_string(e + 1));
+    EXPECT_NEAR(a["train_loss"].get<double>(), b["train_loss"].get<double>(), 1e-4 * b["train_loss"].get<double>());
+    EXPECT_NEAR(a["test_accuracy"].get<double>(), b["test_accuracy"].get<double>(), 0.2);
+    EXPECT_EQ(a["epsilon"].get<double>(), b["epsilon"].get<double>());
+  }
+  // 16 steps of lr 0.5 with momentum moved the parameters; both runs alike.
+  EXPECT_GT(max_diff(g.params, initial_params(7)), 1e-2);
+  EXPECT_LT(max_diff(g.params, v.params), 1e-4);
+  std::printf("max |ghost - vmap| over the parameters after 16 steps: %.3g\n", max_diff(g.params, v.params));
+  DemoRun bad = run_demo("bad", "--clipping sometimes");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.log.find("--clipping must be ghost or vmap"), std::string::npos) << bad.log;
+}
+
+#ifdef TORCHFUNC_DPSGD_DISTRIBUTED
+// Every rank draws the same Poisson mask and noise (one seed), clips the part
+// of the batch in its shard, and the clipped sums are all-reduced: the update
+// is the single-process one up to the order of the float sums.
+TEST(DemoProgram, TwoRanksGiveTheSingleProcessParameters) {
+  DemoRun one = run_demo("one", kSmoke + "--epochs 1 --seed 11");
+  DemoRun two = run_demo("two", kSmoke + "--epochs 1 --seed 11 --nproc 2");
+  ASSERT_EQ(one.status, 0) << one.log;
+  ASSERT_EQ(two.status, 0) << two.log;
+  EXPECT_EQ(two.metrics["config"]["ranks"], 2);
+  EXPECT_NE(two.log.find("2 ranks"), std::string::npos) << two.log;
+  EXPECT_GT(max_diff(one.params, initial_params(11)), 1e-2);
+  EXPECT_LE(max_diff(one.params, two.params), 1e-5);
+  std::printf("max |1 rank - 2 ranks| over the parameters after 8 steps: %.3g\n", max_diff(one.params, two.params));
+  EXPECT_NEAR(one.metrics["final"]["train_loss"].get<double>(), two.metrics["final"]["train_loss"].get<double>(), 1e-4);
+  EXPECT_EQ(one.metrics["final"]["epsilon"].get<double>(), two.metrics["final"]["epsilon"].get<double>());
+}
+
+// A rank that dies mid-run: the other's all-reduce fails at once (the
+// connection closes), with an error naming the all-reduce; the launcher
+// reports both ranks and fails.
+TEST(DemoProgram, ADeadRankFailsTheRunWithAClearError) {
+  DemoRun r = run_demo("dead", kSmoke + "--seed 1 --nproc 2 --dist-timeout 30 --debug-exit-rank 1 --debug-exit-step 2");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.log.find("rank 1 exited with status 3"), std::string::npos) << r.log;
+  EXPECT_NE(r.log.find("rank 0: the all-reduce of the clipped gradient sums failed"), std::string::npos) << r.log;
+  EXPECT_LT(r.seconds, 25.0) << r.log;  // well before the 30 s timeout
+}
+
+// A rank that hangs (alive, silent): the other times out after
+// --dist-timeout and fails; the launcher then kills the hung one.
+TEST(DemoProgram, AHungRankTimesOut) {
+  DemoRun r = run_demo("hung", kSmoke + "--seed 1 --nproc 2 --dist-timeout 4 --debug-exit-rank 1 --debug-exit-step 2 "
+                   "--debug-stall");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.log.find("did not answer within 4 s"), std::string::npos) << r.log;
+  EXPECT_NE(r.log.find("rank 1 was killed by signal 9"), std::string::npos) << r.log;
+  EXPECT_LT(r.seconds, 60.0) << r.log;
+}
+#endif
+
+}  // namespace
