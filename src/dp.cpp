@@ -78,8 +78,12 @@ class LinearRule : public Rule {
   nn::LinearImpl& m_;
 };
 
-/// Conv1d / Conv2d with zero padding given as numbers: the input unfolded
-/// into patches is a Linear's input with T = output positions, per group.
+/// Conv1d / Conv2d with zero padding given as numbers (Conv1d as a 1 x k
+/// Conv2d). Ghost: the input unfolded into patches is a Linear's input with
+/// T = output positions, per group. Materialised: every example's weight
+/// gradient at once as one convolution backward with the batch folded into
+/// the groups (as functorch's batching rule for convolution_backward does),
+/// far cheaper than the unfolded product.
 class ConvRule : public Rule {
  public:
   ConvRule(Tensor weight, Tensor bias, std::vector<int64_t> kernel, std::vector<int64_t> stride,
@@ -93,32 +97,66 @@ class ConvRule : public Rule {
         groups_(groups),
         one_d_(one_d) {}
   Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) override {
-    auto [patches, gg] = flat(a, g);
-    Tensor n = at::zeros({a.size(0)}, g.options());
-    if (weight_.requires_grad())
-      for (int64_t k = 0; k < groups_; ++k) n = n + outer_norm2(group_in(patches, k), group_out(gg, k), mode);
-    if (bias_.defined() && bias_.requires_grad()) n = n + gg.sum(1).pow(2).sum(1);
+    Tensor a4 = one_d_ ? a.unsqueeze(2) : a, g4 = one_d_ ? g.unsqueeze(2) : g;
+    const int64_t B = a.size(0);
+    Tensor n = at::zeros({B}, g.options());
+    if (weight_.requires_grad()) {
+      const int64_t T = g4.size(2) * g4.size(3), d = weight_[0].numel(), p = weight_.size(0) / groups_;
+      // Auto: FastDP's flop rule (2 T^2 <= p d), and ghost only when the
+      // unfolded patches it must build (T d per group and sample) are under a
+      // quarter of the per-sample gradient (p d): unfolding is memory-bound,
+      // the folded convolution backward is not (W10's CNN at batch 2048, 2
+      // threads: its second conv, T = 25, p = 32, d = 256, takes 53 ms ghost
+      // and 19 ms materialised).
+      ghost_ = mode == NormMode::Ghost || (mode == NormMode::Auto && 2 * T * T <= p * d && p > 4 * T);
+      if (ghost_) {
+        patches_ = unfold(a4);
+        Tensor gg = g4.flatten(2).transpose(1, 2);
+        for (int64_t k = 0; k < groups_; ++k) n = n + outer_norm2(group_in(patches_, k), group_out(gg, k), NormMode::Ghost);
+      } else {
+        per_sample_ = per_sample_weight_grads(a4, g4);
+        n = n + per_sample_.pow(2).flatten(1).sum(1);
+      }
+    }
+    if (bias_.defined() && bias_.requires_grad()) n = n + g4.flatten(2).sum(2).pow(2).sum(1);
     return n;
   }
-  void clipped_sum(const Tensor& a, const Tensor& g, const Tensor& c, const std::string& prefix,
+  void clipped_sum(const Tensor&, const Tensor& g, const Tensor& c, const std::string& prefix,
                    TensorDict& out) override {
-    auto [patches, gg] = flat(a, g);
+    Tensor g4 = one_d_ ? g.unsqueeze(2) : g;
     if (weight_.requires_grad()) {
-      std::vector<Tensor> rows;
-      for (int64_t k = 0; k < groups_; ++k) rows.push_back(outer_sum(group_in(patches, k), group_out(gg, k), c));
-      out.insert(prefix + "weight", at::cat(rows, 0).view(weight_.sizes()));
+      if (ghost_) {
+        Tensor gg = g4.flatten(2).transpose(1, 2);
+        std::vector<Tensor> rows;
+        for (int64_t k = 0; k < groups_; ++k) rows.push_back(outer_sum(group_in(patches_, k), group_out(gg, k), c));
+        out.insert(prefix + "weight", at::cat(rows, 0).view(weight_.sizes()));
+      } else {
+        out.insert(prefix + "weight", c.matmul(per_sample_.flatten(1)).view(weight_.sizes()));
+      }
+      patches_ = per_sample_ = Tensor();
     }
-    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", (gg * c.view({-1, 1, 1})).sum(1).sum(0));
+    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", c.matmul(g4.flatten(2).sum(2)));
   }
 
  private:
-  // patches [B, T, C_in k...], output gradient [B, T, C_out]
-  std::pair<Tensor, Tensor> flat(const Tensor& a, const Tensor& g) const {
-    Tensor a4 = one_d_ ? a.unsqueeze(2) : a, g4 = one_d_ ? g.unsqueeze(2) : g;
+  // patches [B, T, C_in k...]
+  Tensor unfold(const Tensor& a4) const {
     auto ea = [](const std::vector<int64_t>& v) { return torch::ExpandingArray<2>(at::IntArrayRef(v)); };
-    Tensor unf = F::unfold(
-        a4, F::UnfoldFuncOptions(ea(kernel_)).dilation(ea(dilation_)).padding(ea(padding_)).stride(ea(stride_)));
-    return {unf.transpose(1, 2), g4.flatten(2).transpose(1, 2)};
+    return F::unfold(a4, F::UnfoldFuncOptions(ea(kernel_)).dilation(ea(dilation_)).padding(ea(padding_)).stride(ea(stride_)))
+        .transpose(1, 2);
+  }
+  // [B, C_out, C_in / groups, k...]: sample b's channels form groups b*groups .. b*groups + groups - 1.
+  Tensor per_sample_weight_grads(const Tensor& a4, const Tensor& g4) const {
+    const int64_t B = a4.size(0);
+    std::vector<int64_t> w_shape = weight_.sizes().vec();
+    if (one_d_) w_shape.insert(w_shape.begin() + 2, 1);
+    std::vector<int64_t> folded = w_shape;
+    folded[0] *= B;
+    Tensor gw = std::get<1>(at::convolution_backward(
+        g4.reshape({1, -1, g4.size(2), g4.size(3)}), a4.reshape({1, -1, a4.size(2), a4.size(3)}),
+        at::empty(folded, a4.options()), c10::nullopt, stride_, padding_, dilation_, /*transposed=*/false, {0, 0},
+        B * groups_, {false, true, false}));
+    return gw.view({B, -1});
   }
   Tensor group_in(const Tensor& patches, int64_t k) const {
     const int64_t d = patches.size(2) / groups_;
@@ -132,6 +170,8 @@ class ConvRule : public Rule {
   std::vector<int64_t> kernel_, stride_, padding_, dilation_;
   int64_t groups_;
   bool one_d_;
+  bool ghost_ = false;
+  Tensor patches_, per_sample_;  // from norm2, for clipped_sum
 };
 
 /// Embedding: the gradient of row v is the sum of g_t over the positions
