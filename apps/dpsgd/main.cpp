@@ -36,6 +36,7 @@
 #include "plot.h"
 #include "prv_accountant.h"
 #include "rdp_accountant.h"
+#include "scattering.h"
 
 namespace func = torchfunc;
 namespace nn = torch::nn;
@@ -59,7 +60,7 @@ struct Config {
   double delta = 1e-5;
   double target_epsilon = 0;  // if > 0: choose sigma so the run ends at this epsilon
   std::string accountant = "prv";  // what epsilon means: prv (Gopi et al. 2021) or rdp
-  int64_t physical_batch = 256;  // per-sample gradients are computed in chunks of this size
+  int64_t physical_batch = 0;  // per-sample gradients are computed in chunks of this size (0: the preset's)
   bool caching_allocator = true;  // CPU: torchfunc::use_caching_cpu_allocator() (no page faults per chunk)
   int64_t train_limit = 0;        // use only the first n training examples (0 = all)
   uint64_t seed = 0;
@@ -78,20 +79,31 @@ struct Config {
 // Presets. "quick" is the default: a few minutes on 2 cores, and the model
 // clearly learns. "paper" reproduces the setting of Papernot et al. (AAAI 2021):
 // tanh CNN, epsilon <= 3 at delta = 1e-5, at least 86.1% test accuracy.
+// "scatternet" is Tramer & Boneh's (ICLR 2021) ScatterNet + linear model:
+// fixed scattering features (J = 2, L = 8: 81 x 7 x 7), group-normalised (27
+// groups, no affine part: a fixed per-example function), a linear layer from
+// zero trained by DP-SGD with large batches; sigma is solved for epsilon 3
+// (PRV) unless --noise or --target-epsilon says otherwise.
+bool uses_scattering(const Config& c) { return c.preset == "scatternet" || c.preset == "scatternet-smoke"; }
+
 void apply_preset(Config& c) {
   struct P { int epochs; int64_t batch; double noise, clip, lr, momentum; };
   P p;
   if (c.preset == "quick") p = {10, 2048, 2.15, 0.1, 4.0, 0.9};
   else if (c.preset == "paper") p = {40, 2048, 2.15, 0.1, 4.0, 0.9};
   else if (c.preset == "smoke") p = {1, 256, 1.0, 1.0, 0.5, 0.9};
-  else throw std::invalid_argument("unknown --preset '" + c.preset + "' (quick, paper, smoke)");
+  else if (c.preset == "scatternet") p = {80, 8192, -1, 0.1, 16.0, 0.9};
+  else if (c.preset == "scatternet-smoke") p = {2, 1024, 1.0, 0.1, 4.0, 0.9};
+  else throw std::invalid_argument("unknown --preset '" + c.preset + "' (quick, paper, scatternet, smoke, scatternet-smoke)");
   if (c.epochs == 0) c.epochs = p.epochs;
   if (c.batch_size == 0) c.batch_size = p.batch;
+  if (c.physical_batch <= 0) c.physical_batch = uses_scattering(c) ? 2048 : 256;
+  if (p.noise < 0 && c.noise < 0 && c.target_epsilon <= 0) c.target_epsilon = 3.0;
   if (c.noise < 0) c.noise = p.noise;
   if (c.clip == 0) c.clip = p.clip;
   if (c.lr == 0) c.lr = p.lr;
   if (c.momentum < 0) c.momentum = p.momentum;
-  if (c.preset == "smoke" && c.train_limit == 0) c.train_limit = 2048;
+  if ((c.preset == "smoke" || c.preset == "scatternet-smoke") && c.train_limit == 0) c.train_limit = 2048;
 }
 
 // ---- data ---------------------------------------------------------------------
@@ -100,15 +112,23 @@ struct Data {
   Tensor x, y;  // [n, 1, 28, 28] float, normalized; [n] int64
 };
 
-Data to_tensors(const dpsgd::ImageSet& set, int64_t limit, torch::Device device) {
+Data to_tensors(const dpsgd::ImageSet& set, int64_t limit, torch::Device device, bool standardize = true) {
   int64_t n = set.images.count;
   if (limit > 0) n = std::min(n, limit);
   Tensor pixels = torch::from_blob(const_cast<uint8_t*>(set.images.pixels.data()),
                                    {n, 1, set.images.rows, set.images.cols}, torch::kUInt8);
   // Fashion-MNIST's published mean and std of the training pixels.
-  Tensor x = (pixels.to(torch::kFloat) / 255.0 - 0.2860) / 0.3530;
+  Tensor x = pixels.to(torch::kFloat) / 255.0;
+  if (standardize) x = (x - 0.2860) / 0.3530;
   Tensor y = torch::from_blob(const_cast<uint8_t*>(set.labels.data()), {n}, torch::kUInt8).to(torch::kLong);
   return {x.to(device), y.to(device)};
+}
+
+// The scatternet preset's inputs: scattering features of the pixels in [0, 1],
+// group-normalised per example (27 groups of 3 channels, as Tramer & Boneh).
+Tensor scatter_features(const dpsgd::Scattering2D& scattering, const Tensor& pixels) {
+  c10::InferenceMode guard;
+  return at::group_norm(scattering.forward_chunked(pixels, 1000), 27);
 }
 
 // ---- progress -------------------------------------------------------------------
@@ -226,7 +246,16 @@ int run(Config& c) {
 
   auto train_set = dpsgd::load_split(c.data_dir, "train");
   auto test_set = dpsgd::load_split(c.data_dir, "t10k");
-  Data train = to_tensors(train_set, c.train_limit, device), test = to_tensors(test_set, 0, device);
+  const bool scatter = uses_scattering(c);
+  Data train = to_tensors(train_set, c.train_limit, device, !scatter), test = to_tensors(test_set, 0, device, !scatter);
+  double feature_seconds = 0;
+  if (scatter) {
+    auto t0 = Clock::now();
+    const dpsgd::Scattering2D scattering(train.x.size(2), train.x.size(3), 2, 8);
+    train.x = scatter_features(scattering, train.x);
+    test.x = scatter_features(scattering, test.x);
+    feature_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  }
   const int64_t n = train.x.size(0);
   dpsgd::World world(c.world);  // with several ranks: the process group, after the rendezvous
   const bool lead = world.rank() == 0;  // prints, evaluates, writes files
@@ -246,7 +275,7 @@ int run(Config& c) {
     c.noise = use_prv ? dpsgd::noise_for_epsilon_prv(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta)
                       : dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta);
 
-  nn::Sequential model = dpsgd::make_model(c.activation);
+  nn::Sequential model = scatter ? dpsgd::make_linear_model(train.x.sizes().slice(1), 10) : dpsgd::make_model(c.activation);
   model->to(device);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(c.lr).momentum(c.momentum));
   const func::TensorDict params = func::named_parameters(model);  // shares storage with the model
@@ -255,9 +284,13 @@ int run(Config& c) {
   dpsgd::PrvAccountant prv;
   auto spent = [&](bool with_prv) { return with_prv ? prv.epsilon(c.delta).upper : rdp.spent(c.delta).epsilon; };
 
+  const std::string what = scatter ? "ScatterNet + linear model" : c.activation + " CNN";
   if (lead) {
-  std::printf("torchfunc-dpsgd: %s training of a %s CNN on Fashion-MNIST (%lld train, %lld test images)\n",
-              c.non_private ? "NON-PRIVATE" : "DP-SGD", c.activation.c_str(), (long long)n, (long long)test.x.size(0));
+  std::printf("torchfunc-dpsgd: %s training of a %s on Fashion-MNIST (%lld train, %lld test images)\n",
+              c.non_private ? "NON-PRIVATE" : "DP-SGD", what.c_str(), (long long)n, (long long)test.x.size(0));
+  if (scatter)
+    std::printf("  scattering features (J = 2, L = 8): %lld x %lld x %lld per image, %.0f s\n",
+                (long long)train.x.size(1), (long long)train.x.size(2), (long long)train.x.size(3), feature_seconds);
   std::printf("  device %s, %d threads, libtorch %s, seed %llu%s\n", device.str().c_str(), torch::get_num_threads(),
               TORCH_VERSION, (unsigned long long)c.seed,
               device.is_cpu() && c.caching_allocator ? ", caching CPU allocator" : "");
@@ -328,18 +361,18 @@ int run(Config& c) {
 
   if (!lead) return 0;
   // Metrics, chart, checkpoint.
-  const double wall = std::chrono::duration<double>(Clock::now() - t_start).count();
+  const double wall = std::chrono::duration<double>(Clock::now() - t_start).count() + feature_seconds;
   nlohmann::json out = {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"delta", c.delta}, {"seed", c.seed},
                   {"accountant", c.accountant}, {"clipping", c.clipping}, {"ranks", world.size()},
                   {"activation", c.activation}, {"non_private", c.non_private}, {"train_examples", n},
-                  {"threads", torch::get_num_threads()}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
+                  {"threads", torch::get_num_threads()}, {"model", what}, {"feature_seconds", feature_seconds}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
       {"final", records.back()},
       {"wall_seconds", wall}};
   std::ofstream(c.out_dir + "/metrics.json") << out.dump(2) << "\n";
-  dpsgd::Series series{c.activation + " CNN", {}, {}};
+  dpsgd::Series series{what, {}, {}};
   for (const auto& r : records) {
     series.x.push_back(c.non_private ? r["epoch"].get<double>() : r["epsilon"].get<double>());
     series.y.push_back(r["test_accuracy"].get<double>());
@@ -357,10 +390,40 @@ int run(Config& c) {
   return 0;
 }
 
+// --chart: one accuracy-vs-epsilon chart of earlier runs (their metrics.json),
+// a series per run.
+int chart(const Config& c, const std::vector<std::string>& runs) {
+  std::vector<dpsgd::Series> series;
+  for (const auto& dir : runs) {
+    std::ifstream in(dir + "/metrics.json");
+    if (!in) throw std::invalid_argument("--chart: no " + dir + "/metrics.json");
+    nlohmann::json m = nlohmann::json::parse(in);
+    const auto& cfg = m["config"];
+    if (cfg["non_private"].get<bool>()) throw std::invalid_argument("--chart: " + dir + " is a non-private run");
+    std::string model = cfg.contains("model") ? cfg["model"].get<std::string>() : cfg["activation"].get<std::string>() + " CNN";
+    dpsgd::Series s{c10::str(cfg["preset"].get<std::string>(), ": ", model, ", seed ", cfg["seed"].get<uint64_t>()), {}, {}};
+    for (const auto& r : m["epochs"]) {
+      s.x.push_back(r["epsilon"].get<double>());
+      s.y.push_back(r["test_accuracy"].get<double>());
+    }
+    series.push_back(std::move(s));
+  }
+  std::filesystem::create_directories(c.out_dir);
+  const std::string png = c.out_dir + "/accuracy_vs_epsilon.png";
+  dpsgd::write_line_chart(png, "Fashion-MNIST test accuracy under DP-SGD", "epsilon (delta = " + c10::str(c.delta) + ")",
+                          "test accuracy (%)", series);
+  std::printf("wrote %s (%zu runs)\n", png.c_str(), series.size());
+  return 0;
+}
+
 int main(int argc, char** argv) {
   Config c;
   CLI::App app{"torchfunc-dpsgd: DP-SGD on Fashion-MNIST with per-sample gradients from torchfunc"};
-  app.add_option("--preset", c.preset, "quick (default, a few minutes), paper (Papernot et al.: eps <= 3), smoke");
+  app.add_option("--preset", c.preset,
+                 "quick (default; tanh CNN, 10 epochs, batch 2048, sigma 2.15, C 0.1, lr 4, momentum 0.9), "
+                 "paper (the same for 40 epochs: Papernot et al., eps <= 3), "
+                 "scatternet (ScatterNet J=2 L=8 features, GroupNorm 27, linear model: 80 epochs, batch 8192, "
+                 "C 0.1, lr 16, momentum 0.9, sigma for --target-epsilon, default 3), smoke, scatternet-smoke (tests)");
   app.add_option("--data-dir", c.data_dir, "directory with the Fashion-MNIST IDX files")->capture_default_str();
   app.add_option("--out-dir", c.out_dir, "where metrics, chart and checkpoint go")->capture_default_str();
   app.add_option("--epochs", c.epochs, "epochs (default: from the preset)");
@@ -397,12 +460,17 @@ int main(int argc, char** argv) {
   app.add_option("--master-port", c.world.master_port, "rank 0's TCP store port (--nproc: 0 = a free one)");
   app.add_option("--dist-timeout", c.world.timeout_s, "seconds before a silent peer is an error")
       ->capture_default_str();
+  std::vector<std::string> chart_runs;
+  app.add_option("--chart", chart_runs,
+                 "trains nothing: draws the accuracy-vs-epsilon curves of earlier runs (their --out-dir folders) "
+                 "into one chart, --out-dir/accuracy_vs_epsilon.png");
   app.add_option("--debug-exit-rank", c.debug_exit_rank)->group("");  // tests: a rank that dies
   app.add_option("--debug-exit-step", c.debug_exit_step)->group("");
   app.add_flag("--debug-stall", c.debug_stall)->group("");
   c.world.master_port = 0;
   CLI11_PARSE(app, argc, argv);
   try {
+    if (!chart_runs.empty()) return chart(c, chart_runs);
     if (c.nproc > 1 && rank_opt->count() == 0) {  // the launcher: this program once per rank
       std::vector<std::string> args;
       for (int i = 0; i < argc; ++i) {

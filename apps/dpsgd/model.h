@@ -30,4 +30,17 @@ inline torch::nn::Sequential make_model(const std::string& activation) {
   return m;
 }
 
+// The scatternet preset's model: a linear layer over (fixed) features of the
+// given shape, from zero (Tramer & Boneh, ICLR 2021).
+inline torch::nn::Sequential make_linear_model(c10::IntArrayRef feature_shape, int64_t classes) {
+  namespace nn = torch::nn;
+  int64_t d = 1;
+  for (int64_t s : feature_shape) d *= s;
+  nn::Linear linear(d, classes);
+  torch::NoGradGuard no_grad;
+  linear->weight.zero_();
+  linear->bias.zero_();
+  return nn::Sequential(nn::Flatten(), linear);
+}
+
 }  // namespace dpsgd
