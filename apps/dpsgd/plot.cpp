@@ -84,9 +84,12 @@ void write_line_chart(const std::string& path, const std::string& title, const s
       gdImageFilledEllipse(im, cx, cy, 6, 6, color);
       prev_x = cx, prev_y = cy;
     }
-    int ly = T + 10 + int(k) * 16;  // legend, top left inside the frame
-    gdImageLine(im, L + 10, ly + small->h / 2, L + 30, ly + small->h / 2, color);
-    text(small, L + 36, ly, s.name);
+    // Legend, bottom right inside the frame (accuracy curves rise to the top left).
+    size_t longest = 0;
+    for (const auto& other : series) longest = std::max(longest, other.name.size());
+    const int lx = W - R - 10 - 36 - int(longest) * small->w, ly = H - B - 10 - int(series.size() - k) * 16;
+    gdImageLine(im, lx, ly + small->h / 2, lx + 20, ly + small->h / 2, color);
+    text(small, lx + 26, ly, s.name);
   }
   gdImageSetThickness(im, 1);
   FILE* out = std::fopen(path.c_str(), "wb");
