@@ -10,12 +10,16 @@
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/functorch/DynamicLayer.h>
 #include <ATen/functorch/TensorWrapper.h>
+#include <ATen/functorch/VmapInterpreter.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/version.h>
 
 #include <cstdint>
+#include <memory>
+#include <type_traits>
 
 namespace torchfunc {
 namespace compat {
@@ -26,7 +30,9 @@ namespace ft = at::functorch;
 inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Vmap, c10::SymInt(batch_size), r);
 }
+inline int64_t vmap_batch_size(const ft::VmapInterpreterPtr& vi) { return vi.batchSize().guard_int(__FILE__, __LINE__); }
 #else
+inline int64_t vmap_batch_size(const ft::VmapInterpreterPtr& vi) { return vi.batchSize(); }
 inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Vmap, batch_size, r);
 }
@@ -118,6 +124,25 @@ inline bool has_batch_rule(const char* op, const char* overload) {
   if (handle->hasKernelForDispatchKey(c10::DispatchKey::FuncTorchBatchedDecomposition)) return true;
 #endif
   return false;
+}
+
+// Autograd nodes are held by std::shared_ptr up to some 2.x release (1.13,
+// 2.6) and by c10::intrusive_ptr after it (2.13).
+template <class N>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::make_shared<N>();
+  }
+}
+template <class N>
+auto node_ptr(N* node) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return node->getptr();
+  } else {
+    return node->shared_from_this();
+  }
 }
 
 inline size_t layer_depth() { return ft::getDynamicLayerStack().size(); }

@@ -21,3 +21,5 @@
 #include <torchfunc/linear_transpose.h>
 #include <torchfunc/functionalize.h>
 #include <torchfunc/dp.h>
+#include <torchfunc/custom_function.h>
+#include <torchfunc/checkpoint.h>

@@ -1,0 +1,476 @@
+// src/custom_function.cpp: a custom function's call at each kind of functorch
+// layer (Note [how custom functions meet the transforms] in
+// include/torchfunc/custom_function.h), its autograd node, the generated vmap
+// rule and checkpoint's recomputing rules.
+#include <torchfunc/custom_function.h>
+
+#include <ATen/FunctionalTensorWrapper.h>
+#include <ATen/functorch/ADInterpreters.h>
+#include <ATen/functorch/VmapInterpreter.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include "levels.h"
+
+namespace torchfunc {
+namespace detail {
+namespace {
+
+[[noreturn]] void custom_fail(const CustomRules& r, const std::string& msg) {
+  fail("custom_function '" + r.name + "': " + msg);
+}
+
+/// Pops the top functorch layer for its scope and puts the stack back as it
+/// was on every exit path (torch.func's interpreter.lower()).
+class Lowered {
+ public:
+  Lowered() : saved_(ft::getDynamicLayerStack()) {
+    auto lower = saved_;
+    lower.pop_back();
+    ft::setDynamicLayerStack(lower);
+    if (lower.empty()) ft::setDynamicLayerFrontBackKeysIncluded(false);
+  }
+  ~Lowered() {
+    ft::setDynamicLayerStack(saved_);
+    ft::setDynamicLayerFrontBackKeysIncluded(true);
+  }
+  Lowered(const Lowered&) = delete;
+  Lowered& operator=(const Lowered&) = delete;
+
+ private:
+  std::vector<ft::DynamicLayer> saved_;
+};
+
+bool float_leaf(const at::Tensor& t) { return t.defined() && is_differentiable_dtype(t); }
+
+void check_outputs(const CustomRules& r, const Tensors& out) {
+  TORCH_CHECK(!out.empty(), "torchfunc::custom_function '", r.name, "': the forward returned no Tensors.");
+  for (size_t k = 0; k < out.size(); ++k)
+    TORCH_CHECK(out[k].defined(), "torchfunc::custom_function '", r.name, "': output ", k,
+                " of the forward is an undefined Tensor.");
+}
+
+/// A rule's result for `like` (the inputs for vjp, the outputs for jvp):
+/// one tensor per leaf, undefined -> zeros, shapes checked.
+Tensors check_rule_result(const CustomRules& r, const char* rule, const char* what, Tensors got, const Tensors& like) {
+  TORCH_CHECK(got.size() == like.size(), "torchfunc::custom_function '", r.name, "': the ", rule, " rule returned ",
+              got.size(), " Tensors, but the function has ", like.size(), " tensor ", what,
+              " (return one per tensor leaf, in flatten order; an undefined Tensor means zero).");
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!float_leaf(like[i])) {
+      got[i] = at::Tensor();
+      continue;
+    }
+    if (!got[i].defined()) {
+      got[i] = at::zeros_like(like[i]);
+      continue;
+    }
+    TORCH_CHECK(got[i].sizes().equals(like[i].sizes()), "torchfunc::custom_function '", r.name, "': the ", rule,
+                " rule returned a Tensor of shape ", shape_str(got[i].sizes()), " for ", what, " ", i,
+                ", which has shape ", shape_str(like[i].sizes()), ".");
+  }
+  return got;
+}
+
+// ---- rules that differentiate the forward (checkpoint) --------------------------
+
+Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& out, const Tensors& ct) {
+  // The gradients are taken while the recomputation's level lives (not
+  // through a vjp_fn afterwards): its graph then never outlives its level.
+  const char* api = "checkpoint(f): recomputing f for the backward pass";
+  AutodiffScope autodiff;
+  const bool create_graph = c10::GradMode::is_enabled();
+  LayerGuard layer(api, [&] { return compat::push_grad_layer(create_graph); });
+  const int64_t lvl = layer.level();
+  c10::AutoGradMode enable_grad(true);
+  std::vector<char> diff(in.size());
+  for (size_t i = 0; i < in.size(); ++i) diff[i] = float_leaf(in[i]);
+  Tensors diff_wrapped;
+  auto name = [](size_t i) { return "args leaf " + std::to_string(i); };
+  Tensors wrapped = wrap_for_grad(in, diff, lvl, api, name, diff_wrapped);
+  Tensors o = r.forward(wrapped);
+  TORCH_CHECK(o.size() == out.size(), "torchfunc::checkpoint: f returned ", o.size(),
+              " Tensors when recomputed, but ", out.size(), " the first time.");
+  Tensors outs, cts;
+  for (size_t k = 0; k < out.size(); ++k) {
+    if (!float_leaf(out[k])) continue;
+    outs.push_back(o[k]);
+    cts.push_back(ct[k]);
+  }
+  Tensors g = autograd_grad(outs, diff_wrapped, cts, /*retain_graph=*/false, create_graph);
+  Tensors result(in.size());
+  for (size_t i = 0, j = 0; i < in.size(); ++i)
+    if (diff[i]) result[i] = compat::unwrap_grad(g[j++], lvl);  // Note [unwrap before pop]
+  return result;
+}
+
+Tensors recompute_jvp(const CustomRules& r, const Tensors& in, const Tensors& tan) {
+  std::vector<char> diff(in.size());
+  for (size_t i = 0; i < in.size(); ++i) diff[i] = float_leaf(in[i]);
+  auto fn = [&](Tensors& wrapped, FlatResult& res) {
+    res.leaves = r.forward(wrapped);
+    res.num_primary = res.leaves.size();
+  };
+  auto name = [](size_t i) { return "args leaf " + std::to_string(i); };
+  return jvp_flat(in, diff, tan, fn, "checkpoint(f) under jvp", name).tangents;
+}
+
+Tensors run_vjp(const CustomRules& r, const Tensors& in, const Tensors& out, const Tensors& ct) {
+  return r.recompute ? recompute_vjp(r, in, out, ct) : r.vjp(in, out, ct);
+}
+Tensors run_jvp(const CustomRules& r, const Tensors& in, const Tensors& out, const Tensors& tan) {
+  return r.recompute ? recompute_jvp(r, in, tan) : r.jvp(in, out, tan);
+}
+bool has_vjp(const CustomRules& r) { return r.recompute || static_cast<bool>(r.vjp); }
+bool has_jvp(const CustomRules& r) { return r.recompute || static_cast<bool>(r.jvp); }
+
+// ---- the autograd node ---------------------------------------------------------------
+
+/// The backward of one call at one grad level (or of plain autograd below
+/// every layer): the vjp rule at the saved inputs and outputs.
+struct CustomBackward : torch::autograd::Node {
+  CustomRulesPtr rules;
+  std::vector<torch::autograd::SavedVariable> inputs, outputs;
+  std::vector<size_t> diff;  // inputs with an edge, in edge order
+  size_t num_outputs = 0;
+
+  std::string name() const override { return "torchfunc::custom_function '" + rules->name + "' backward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    TORCH_CHECK(!inputs.empty() || num_outputs == 0, "torchfunc::custom_function '", rules->name,
+                "': its backward ran twice on a graph that was freed; pass retain_graph to run it again.");
+    Tensors in, out;
+    for (auto& s : inputs) in.push_back(s.unpack());
+    auto self = compat::node_ptr(this);
+    for (auto& s : outputs) out.push_back(s.unpack(self));
+    Tensors ct(out.size());
+    for (size_t k = 0; k < out.size(); ++k) {
+      if (!float_leaf(out[k])) continue;
+      ct[k] = grads[k].defined() ? grads[k] : at::zeros_like(out[k]);
+    }
+    Tensors g = check_rule_result(*rules, "vjp", "inputs", run_vjp(*rules, in, out, ct), in);
+    torch::autograd::variable_list result;
+    result.reserve(diff.size());
+    for (size_t i : diff) result.push_back(g[i]);
+    return result;
+  }
+
+  void release_variables() override {
+    inputs.clear();
+    outputs.clear();
+  }
+};
+
+/// Attaches a CustomBackward to `out` (fresh tensors) for the inputs that
+/// `is_diff` selects; saves inputs and outputs for the rule.
+void attach_backward(const CustomRulesPtr& r, const Tensors& in, Tensors& out, const std::vector<char>& is_diff,
+                     const char* where) {
+  if (!has_vjp(*r))
+    custom_fail(*r, std::string("no vjp rule, but ") + where + " differentiates it (reverse mode: grad, vjp, "
+                "jacrev, hessian, backward()). Give one with .vjp(rule).");
+  auto node = compat::make_node<CustomBackward>();
+  node->rules = r;
+  Tensors diff_inputs;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!is_diff[i]) continue;
+    node->diff.push_back(i);
+    diff_inputs.push_back(in[i]);
+  }
+  node->set_next_edges(torch::autograd::collect_next_edges(diff_inputs));
+  for (auto& o : out) {
+    if (float_leaf(o)) {
+      torch::autograd::set_history(o, node);
+    } else {
+      node->add_input_metadata(torch::autograd::Node::undefined_input());
+    }
+  }
+  for (const auto& t : in) node->inputs.emplace_back(t, /*is_output=*/false);
+  for (const auto& o : out) node->outputs.emplace_back(o, /*is_output=*/float_leaf(o));
+  node->num_outputs = out.size();
+}
+
+/// Forward-mode: the jvp rule's tangents on `out` (at the current level),
+/// for inputs `in` whose tangents are `tan` (undefined: zero).
+void attach_tangents(const CustomRules& r, const Tensors& in, Tensors& out, Tensors tan, const char* where) {
+  if (!has_jvp(r))
+    custom_fail(r, std::string("no jvp rule, but ") + where + " differentiates it in forward mode (jvp, jacfwd, "
+                "hessian). Give one with .jvp(rule).");
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!float_leaf(in[i]))
+      tan[i] = at::Tensor();
+    else if (!tan[i].defined())
+      tan[i] = at::zeros_like(in[i]);
+  }
+  Tensors to = check_rule_result(r, "jvp", "outputs", run_jvp(r, in, out, tan), out);
+  for (size_t k = 0; k < out.size(); ++k)
+    if (float_leaf(out[k])) out[k] = at::_make_dual(out[k], to[k], 0);
+}
+
+// ---- one call per kind of layer ---------------------------------------------------------
+
+/// Below every layer: the forward with autograd off; plain autograd and
+/// forward AD (dual tensors) see the rules.
+Tensors call_plain(const CustomRulesPtr& r, const Tensors& in) {
+  std::vector<char> diff(in.size(), 0);
+  bool any_diff = false, any_tangent = false;
+  Tensors primals = in, tangents(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (!float_leaf(in[i])) continue;
+    diff[i] = c10::GradMode::is_enabled() && in[i].requires_grad();
+    any_diff = any_diff || diff[i];
+    if (in[i]._fw_grad(0).defined()) {
+      auto pt = at::_unpack_dual(in[i], 0);
+      primals[i] = std::get<0>(pt);
+      tangents[i] = std::get<1>(pt);
+      any_tangent = true;
+    }
+  }
+  Tensors out;
+  {
+    c10::AutoGradMode no_grad(false);
+    FwGradModeGuard no_fw(false);
+    out = r->forward(primals);
+  }
+  check_outputs(*r, out);
+  if (any_diff) {
+    // Outputs are fresh tensors: an output that is an input (or a view of one)
+    // would get the node as its history.
+    for (auto& o : out)
+      for (const auto& t : in)
+        if (t.defined() && o.is_alias_of(t)) o = o.clone();
+    attach_backward(r, in, out, diff, "autograd");
+  }
+  if (any_tangent) attach_tangents(*r, primals, out, tangents, "forward-mode AD");
+  return out;
+}
+
+Tensors call_at_grad(const CustomRulesPtr& r, const Tensors& in, const ft::DynamicLayer& layer) {
+  const int64_t lvl = layer.layerId();
+  Tensors values(in.size());
+  std::vector<char> diff(in.size(), 0);
+  bool any_at_level = false;
+  for (size_t i = 0; i < in.size(); ++i) {
+    values[i] = in[i];
+    auto* w = in[i].defined() ? compat::wrapper_of(in[i]) : nullptr;
+    if (!w || !w->level().has_value() || *w->level() != lvl) continue;
+    any_at_level = true;
+    values[i] = w->value();
+    diff[i] = float_leaf(in[i]) && in[i].requires_grad();
+  }
+  Tensors out;
+  {
+    c10::AutoGradMode mode(ft::GradInterpreterPtr(&layer.interpreter()).prevGradMode());
+    Lowered lowered;
+    out = custom_call_flat(r, values);
+  }
+  if (!any_at_level) return out;  // nothing of this level flows in: constants for it
+  for (auto& o : out) o = ft::makeTensorWrapper(o, lvl);
+  bool any_diff = false;
+  for (char d : diff) any_diff = any_diff || d;
+  if (any_diff && c10::GradMode::is_enabled()) attach_backward(r, in, out, diff, "a grad-family transform");
+  return out;
+}
+
+Tensors call_at_jvp(const CustomRulesPtr& r, const Tensors& in, const ft::DynamicLayer& layer) {
+  const int64_t lvl = layer.layerId();
+  Tensors values(in.size()), primals = in, tangents(in.size());
+  bool any_at_level = false, any_tangent = false;
+  for (size_t i = 0; i < in.size(); ++i) {
+    values[i] = in[i];
+    auto* w = in[i].defined() ? compat::wrapper_of(in[i]) : nullptr;
+    if (!w || !w->level().has_value() || *w->level() != lvl) continue;
+    any_at_level = true;
+    values[i] = w->value();
+    if (float_leaf(in[i]) && in[i]._fw_grad(0).defined()) {
+      auto pt = at::_unpack_dual(in[i], 0);  // the primal without its tangent, for the rule
+      primals[i] = std::get<0>(pt);
+      tangents[i] = std::get<1>(pt);
+      any_tangent = true;
+    }
+  }
+  Tensors out;
+  {
+    FwGradModeGuard mode(ft::JvpInterpreterPtr(&layer.interpreter()).prevFwdGradMode());
+    Lowered lowered;
+    out = custom_call_flat(r, values);
+  }
+  if (!any_at_level) return out;
+  for (auto& o : out) o = ft::makeTensorWrapper(o, lvl);
+  if (any_tangent && c10::AutogradState::get_tls_state().get_fw_grad_mode())
+    attach_tangents(*r, primals, out, tangents, "a jvp-family transform");
+  return out;
+}
+
+/// The generated vmap rule: the same function over the physical tensors,
+/// whose forward and rules run under a vmap of size `batch` with `dims`;
+/// every output is batched at 0.
+CustomRulesPtr vmapped(const CustomRulesPtr& r, const std::vector<OptDim>& dims, int64_t batch,
+                       Randomness randomness) {
+  auto v = std::make_shared<CustomRules>();
+  v->name = r->name;
+  v->generate_vmap_rule = true;  // nested vmaps generate again
+  auto cfg = std::make_shared<VmapConfig>();
+  cfg->api = "custom_function: generated vmap rule";
+  cfg->randomness = randomness;
+  cfg->axis_size = batch;
+  auto name = [](size_t i) { return "leaf " + std::to_string(i); };
+  // f over (groups of leaves with their dims) -> outputs at dim 0.
+  auto under_vmap = [cfg, name](const Tensors& leaves, const std::vector<OptDim>& leaf_dims,
+                                const std::function<Tensors(const Tensors&)>& f) {
+    std::vector<OptDim> d(leaf_dims);
+    for (size_t i = 0; i < leaves.size(); ++i)
+      if (!leaves[i].defined()) d[i] = c10::nullopt;
+    return vmap_flat(leaves, d, *cfg, [&](Tensors& batched, FlatResult& res) {
+      res.leaves = f(batched);
+      res.num_primary = res.leaves.size();
+      res.out_dims.assign(res.leaves.size(), 0);
+    }, name);
+  };
+  v->forward = [r, dims, under_vmap](const Tensors& in) { return under_vmap(in, dims, r->forward); };
+  v->recompute = r->recompute;
+  if (!r->recompute && r->vjp) {
+    v->vjp = [r, dims, under_vmap](const Tensors& in, const Tensors& out, const Tensors& ct) {
+      const size_t n = in.size(), m = out.size();
+      Tensors all(in);
+      all.insert(all.end(), out.begin(), out.end());
+      all.insert(all.end(), ct.begin(), ct.end());
+      std::vector<OptDim> d(dims);
+      d.resize(n + 2 * m, 0);
+      Tensors g = under_vmap(all, d, [&](const Tensors& b) {
+        Tensors bi(b.begin(), b.begin() + n), bo(b.begin() + n, b.begin() + n + m), bc(b.begin() + n + m, b.end());
+        Tensors gi = check_rule_result(*r, "vjp", "inputs", r->vjp(bi, bo, bc), bi);
+        for (size_t i = 0; i < n; ++i)
+          if (!gi[i].defined()) gi[i] = at::zeros_like(bi[i]);
+        return gi;
+      });
+      // Per-sample gradients of a shared (unbatched) input add up.
+      for (size_t i = 0; i < n; ++i) g[i] = dims[i] ? g[i].movedim(0, *dims[i]) : g[i].sum(0);
+      return g;
+    };
+  }
+  if (!r->recompute && r->jvp) {
+    v->jvp = [r, dims, under_vmap](const Tensors& in, const Tensors& out, const Tensors& tan) {
+      const size_t n = in.size(), m = out.size();
+      Tensors all(in);
+      all.insert(all.end(), out.begin(), out.end());
+      all.insert(all.end(), tan.begin(), tan.end());
+      std::vector<OptDim> d(dims);
+      d.resize(n + m, 0);
+      d.insert(d.end(), dims.begin(), dims.end());  // a tangent is batched like its input
+      return under_vmap(all, d, [&](const Tensors& b) {
+        Tensors bi(b.begin(), b.begin() + n), bo(b.begin() + n, b.begin() + n + m), bt(b.begin() + n + m, b.end());
+        Tensors to = check_rule_result(*r, "jvp", "outputs", r->jvp(bi, bo, bt), bo);
+        return to;
+      });
+    };
+  }
+  return v;
+}
+
+Tensors call_at_vmap(const CustomRulesPtr& r, const Tensors& in, const ft::DynamicLayer& layer) {
+  const int64_t lvl = layer.layerId();
+  ft::VmapInterpreterPtr vi(&layer.interpreter());
+  VmapInfo info;
+  info.batch_size = compat::vmap_batch_size(vi);
+  switch (vi.randomness()) {
+    case ft::RandomnessType::Same:
+      info.randomness = Randomness::Same;
+      break;
+    case ft::RandomnessType::Different:
+      info.randomness = Randomness::Different;
+      break;
+    default:
+      info.randomness = Randomness::Error;
+  }
+  Tensors values(in.size());
+  std::vector<OptDim> dims(in.size());
+  bool any = false;
+  for (size_t i = 0; i < in.size(); ++i) {
+    values[i] = in[i];
+    if (auto* b = in[i].defined() ? compat::batched_at(in[i], lvl) : nullptr) {
+      values[i] = b->value();
+      dims[i] = b->bdim();
+      any = true;
+    }
+  }
+  if (!any) {
+    Lowered lowered;
+    return custom_call_flat(r, values);
+  }
+  Tensors out;
+  std::vector<OptDim> out_dims;
+  if (r->vmap) {
+    Lowered lowered;
+    std::tie(out, out_dims) = r->vmap(info, dims, values);
+    TORCH_CHECK(out_dims.size() == out.size(), "torchfunc::custom_function '", r->name, "': the vmap rule returned ",
+                out.size(), " Tensors but ", out_dims.size(), " out_dims (give one per tensor leaf).");
+  } else if (r->generate_vmap_rule) {
+    auto v = vmapped(r, dims, info.batch_size, info.randomness);
+    Lowered lowered;
+    out = custom_call_flat(v, values);
+    out_dims.assign(out.size(), 0);
+  } else {
+    custom_fail(*r, "no vmap rule, but vmap maps over it. Give one with .vmap(rule), or .generate_vmap_rule() "
+                "to run the forward and the rules under vmap.");
+  }
+  check_outputs(*r, out);
+  for (size_t k = 0; k < out.size(); ++k) {
+    if (!out_dims[k]) continue;
+    int64_t d = *out_dims[k];
+    const int64_t rank = out[k].dim();
+    TORCH_CHECK(d >= -rank && d < rank, "torchfunc::custom_function '", r->name, "': the vmap rule's out_dim ", d,
+                " for output ", k, " is out of range for a Tensor of ", rank, " dims.");
+    if (d < 0) d += rank;
+    TORCH_CHECK(out[k].size(d) == info.batch_size, "torchfunc::custom_function '", r->name, "': output ", k,
+                " of the vmap rule has size ", out[k].size(d), " at its out_dim ", d, ", but the batch size is ",
+                info.batch_size, ".");
+    out[k] = ft::makeBatched(out[k], d, lvl);
+  }
+  return out;
+}
+
+Tensors call_at_functionalize(const CustomRulesPtr& r, const Tensors& in) {
+  namespace fz = at::functionalization::impl;
+  Tensors values(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    values[i] = in[i];
+    if (in[i].defined() && fz::isFunctionalTensor(in[i])) {
+      fz::sync(in[i]);
+      values[i] = fz::from_functional_tensor(in[i]);
+    }
+  }
+  Tensors out;
+  {
+    Lowered lowered;
+    out = custom_call_flat(r, values);
+  }
+  for (auto& o : out) o = fz::to_functional_tensor(o);
+  return out;
+}
+
+}  // namespace
+
+Tensors custom_call_flat(const CustomRulesPtr& r, const Tensors& inputs) {
+  TORCH_INTERNAL_ASSERT(r && r->forward);
+  const auto layer = ft::maybeCurrentDynamicLayer();
+  if (!layer.has_value()) return call_plain(r, inputs);
+  switch (layer->key()) {
+    case ft::TransformType::Grad:
+      return call_at_grad(r, inputs, *layer);
+    case ft::TransformType::Jvp:
+      return call_at_jvp(r, inputs, *layer);
+    case ft::TransformType::Vmap:
+      return call_at_vmap(r, inputs, *layer);
+    case ft::TransformType::Functionalize:
+      return call_at_functionalize(r, inputs);
+    default: {
+      Lowered lowered;
+      return custom_call_flat(r, inputs);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace torchfunc
