@@ -77,9 +77,32 @@ Tensors check_rule_result(const CustomRules& r, const char* rule, const char* wh
 // ---- rules that differentiate the forward (checkpoint) --------------------------
 
 Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& out, const Tensors& ct) {
-  // The gradients are taken while the recomputation's level lives (not
-  // through a vjp_fn afterwards): its graph then never outlives its level.
+  // Note [checkpoint recomputes below its own level]
+  //   This runs inside the backward pass of the grad level L the call was made
+  //   at (the top layer). Recomputing from the inputs as level-L tensors would
+  //   record the recomputation, and its backward (create_graph), in level L's
+  //   graph, which keeps every segment alive until L's grad returns: no memory
+  //   saved. In a transform's own backward of level L (OwnBackward) nothing
+  //   differentiates level L's backward again, so we recompute from the
+  //   values one level down (inputs and cotangents), under a new grad level,
+  //   and take the gradients while that level lives; lower levels still
+  //   record everything, so grad(grad(checkpoint(f))) is exact. In a user's
+  //   autograd::grad inside f (a gradient penalty) level L must record, and
+  //   does.
   const char* api = "checkpoint(f): recomputing f for the backward pass";
+  const auto top = ft::maybeCurrentDynamicLayer();
+  const int64_t top_grad = top.has_value() && top->key() == ft::TransformType::Grad ? top->layerId() : -1;
+  const int64_t outer = top_grad > 0 && OwnBackward::level() == top_grad ? top_grad : -1;
+  Tensors base(in.size());
+  std::vector<char> rewrap(in.size(), 0);
+  for (size_t i = 0; i < in.size(); ++i) {
+    base[i] = in[i].defined() ? compat::unwrap_dead(in[i]) : in[i];
+    auto* w = base[i].defined() ? compat::wrapper_of(base[i]) : nullptr;
+    if (w && w->level().has_value() && *w->level() == outer) {
+      base[i] = w->value();
+      rewrap[i] = 1;
+    }
+  }
   AutodiffScope autodiff;
   const bool create_graph = c10::GradMode::is_enabled();
   LayerGuard layer(api, [&] { return compat::push_grad_layer(create_graph); });
@@ -89,7 +112,7 @@ Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& ou
   for (size_t i = 0; i < in.size(); ++i) diff[i] = float_leaf(in[i]);
   Tensors diff_wrapped;
   auto name = [](size_t i) { return "args leaf " + std::to_string(i); };
-  Tensors wrapped = wrap_for_grad(in, diff, lvl, api, name, diff_wrapped);
+  Tensors wrapped = wrap_for_grad(base, diff, lvl, api, name, diff_wrapped);
   Tensors o = r.forward(wrapped);
   TORCH_CHECK(o.size() == out.size(), "torchfunc::checkpoint: f returned ", o.size(),
               " Tensors when recomputed, but ", out.size(), " the first time.");
@@ -97,12 +120,18 @@ Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& ou
   for (size_t k = 0; k < out.size(); ++k) {
     if (!float_leaf(out[k])) continue;
     outs.push_back(o[k]);
-    cts.push_back(ct[k]);
+    cts.push_back(outer > 0 ? compat::unwrap_grad(ct[k], outer) : ct[k]);
   }
   Tensors g = autograd_grad(outs, diff_wrapped, cts, /*retain_graph=*/false, create_graph);
   Tensors result(in.size());
-  for (size_t i = 0, j = 0; i < in.size(); ++i)
-    if (diff[i]) result[i] = compat::unwrap_grad(g[j++], lvl);  // Note [unwrap before pop]
+  for (size_t i = 0, j = 0; i < in.size(); ++i) {
+    if (!diff[i]) continue;
+    result[i] = compat::unwrap_grad(g[j++], lvl);  // Note [unwrap before pop]
+    // (Already one where the cotangent, a level-L tensor, entered the result.)
+    auto* w = compat::wrapper_of(result[i]);
+    const bool at_outer = w && w->level().has_value() && *w->level() == outer;
+    if (rewrap[i] && !at_outer) result[i] = ft::makeTensorWrapper(result[i], outer);
+  }
   return result;
 }
 

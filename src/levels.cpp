@@ -127,6 +127,16 @@ DualLevelGuard::~DualLevelGuard() {
 
 // ---- grad-family helpers ----------------------------------------------------------
 
+namespace {
+thread_local int64_t t_own_backward_level = -1;
+}
+OwnBackward::OwnBackward() : prev_(t_own_backward_level) {
+  const auto top = ft::maybeCurrentDynamicLayer();
+  t_own_backward_level = top.has_value() ? top->layerId() : 0;
+}
+OwnBackward::~OwnBackward() { t_own_backward_level = prev_; }
+int64_t OwnBackward::level() { return t_own_backward_level; }
+
 /// Wraps every input for grad level `lvl`; diff inputs also require grad.
 Tensors wrap_for_grad(const Tensors& inputs, const std::vector<char>& diff, int64_t lvl, const char* api,
                       LeafName name, Tensors& diff_wrapped) {
@@ -173,7 +183,10 @@ Tensors autograd_grad(const Tensors& outputs, const Tensors& inputs, const Tenso
     for (const auto& in : inputs) result.push_back(at::zeros_like(compat::unwrap_dead(in)));
     return result;
   }
-  result = torch::autograd::grad(outs, inputs, gos, retain_graph, create_graph, /*allow_unused=*/true);
+  {
+    OwnBackward own;
+    result = torch::autograd::grad(outs, inputs, gos, retain_graph, create_graph, /*allow_unused=*/true);
+  }
   // (Zeros of the plain value where the inputs belong to a popped level: a
   // vjp_fn called after its vjp returned.)
   for (size_t j = 0; j < result.size(); ++j)

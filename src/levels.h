@@ -125,6 +125,22 @@ std::string shape_str(at::IntArrayRef s);
 /// Wraps every input for grad level `lvl`; diff inputs also require grad.
 Tensors wrap_for_grad(const Tensors& inputs, const std::vector<char>& diff, int64_t lvl, const char* api,
                       LeafName name, Tensors& diff_wrapped);
+/// While alive, this thread runs the backward pass a torchfunc transform
+/// takes at the top level (grad, vjp_fn, jacrev, ...): nothing will
+/// differentiate that level's backward at that level again (its results are
+/// unwrapped). level(): that level's id, 0 below every layer, -1 if none.
+class OwnBackward {
+ public:
+  OwnBackward();
+  ~OwnBackward();
+  OwnBackward(const OwnBackward&) = delete;
+  OwnBackward& operator=(const OwnBackward&) = delete;
+  static int64_t level();
+
+ private:
+  int64_t prev_;
+};
+
 /// torch.autograd.grad that treats unused inputs and outputs that do not
 /// require grad as giving zero gradients (never undefined tensors).
 Tensors autograd_grad(const Tensors& outputs, const Tensors& inputs, const Tensors& grad_outputs,
