@@ -125,6 +125,9 @@ TEST_F(CustomFunction, ExpValuesAndDerivativesToDepthThree) {
   EXPECT_TRUE(torch::allclose(func::jacrev(my_exp)(x), torch::diag(x.exp())));
   EXPECT_TRUE(torch::allclose(func::jacfwd(my_exp)(x), torch::diag(x.exp())));
   EXPECT_TRUE(torch::allclose(func::hessian(f)(x), torch::diag(x.exp())));
+  // Under functionalize.
+  EXPECT_TRUE(torch::allclose(func::functionalize(my_exp)(x), x.exp()));
+  EXPECT_TRUE(torch::allclose(func::grad(func::functionalize(f))(x), x.exp()));
   // jvp of grad (forward over reverse) and grad of jvp.
   Tensor hvp = func::jvp(func::grad(f), std::make_tuple(x), std::make_tuple(v)).second;
   EXPECT_TRUE(torch::allclose(hvp, x.exp() * v));
@@ -373,4 +376,19 @@ TEST_F(Checkpoint, PerSampleGradients) {
   auto psg = func::vmap(func::grad(FC), func::in_dims(func::none, 0))(w, xs);
   auto ref = func::vmap(func::grad(F), func::in_dims(func::none, 0))(w, xs);
   EXPECT_TRUE(torch::allclose(psg, ref));
+}
+
+TEST_F(Checkpoint, GradientPenaltyInsideATransform) {
+  // A user's autograd::grad with create_graph inside f, differentiated again
+  // by the enclosing grad: the recomputation must be recorded at that level.
+  auto penalty = [&](const std::function<Tensor(const Tensor&, const Tensor&)>& fn) {
+    return [&, fn](const Tensor& wv) {
+      Tensor xr = x * 1.0;
+      Tensor gx = torch::autograd::grad({fn(wv, xr)}, {wv}, {}, true, true)[0];
+      return gx.pow(2).sum();
+    };
+  };
+  Tensor ref = func::grad(penalty(F))(w);
+  EXPECT_TRUE(torch::allclose(func::grad(penalty(FC))(w), ref));
+  EXPECT_GT(ref.abs().sum().item<double>(), 0);
 }
