@@ -332,6 +332,25 @@ Tensors call_at_jvp(const CustomRulesPtr& r, const Tensors& in, const ft::Dynami
   return out;
 }
 
+/// libtorch 1.13 only: f once per sample, stacked at dim 0. 1.13 keeps each
+/// level's metadata in a global map keyed by level id, so a new vmap level
+/// cannot be pushed while a popped one (Lowered) still holds that id.
+Tensors loop_over_batch(const Tensors& leaves, const std::vector<OptDim>& dims, int64_t batch,
+                        const std::function<Tensors(const Tensors&)>& f) {
+  std::vector<Tensors> per_out;
+  for (int64_t b = 0; b < batch; ++b) {
+    Tensors sample(leaves);
+    for (size_t i = 0; i < leaves.size(); ++i)
+      if (dims[i]) sample[i] = leaves[i].select(*dims[i], b);
+    Tensors o = f(sample);
+    if (per_out.empty()) per_out.resize(o.size());
+    for (size_t k = 0; k < o.size(); ++k) per_out[k].push_back(o[k]);
+  }
+  Tensors out;
+  for (auto& parts : per_out) out.push_back(at::stack(parts, 0));
+  return out;
+}
+
 /// The generated vmap rule: the same function over the physical tensors,
 /// whose forward and rules run under a vmap of size `batch` with `dims`;
 /// every output is batched at 0.
@@ -351,6 +370,7 @@ CustomRulesPtr vmapped(const CustomRulesPtr& r, const std::vector<OptDim>& dims,
     std::vector<OptDim> d(leaf_dims);
     for (size_t i = 0; i < leaves.size(); ++i)
       if (!leaves[i].defined()) d[i] = c10::nullopt;
+    if (compat::kLibtorch113) return loop_over_batch(leaves, d, *cfg->axis_size, f);
     return vmap_flat(leaves, d, *cfg, [&](Tensors& batched, FlatResult& res) {
       res.leaves = f(batched);
       res.num_primary = res.leaves.size();
