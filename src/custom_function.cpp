@@ -379,39 +379,39 @@ CustomRulesPtr vmapped(const CustomRulesPtr& r, const std::vector<OptDim>& dims,
   };
   v->forward = [r, dims, under_vmap](const Tensors& in) { return under_vmap(in, dims, r->forward); };
   v->recompute = r->recompute;
+  // A rule over (inputs at dims, outputs at 0, cotangents at 0 / tangents at dims).
+  auto rule_under_vmap = [dims, under_vmap](const Tensors& in, const Tensors& out, const Tensors& third,
+                                            bool third_like_inputs, const auto& rule) {
+    const size_t n = in.size(), m = out.size();
+    Tensors all(in);
+    all.insert(all.end(), out.begin(), out.end());
+    all.insert(all.end(), third.begin(), third.end());
+    std::vector<OptDim> d(dims);
+    d.resize(n + m, 0);
+    if (third_like_inputs) d.insert(d.end(), dims.begin(), dims.end());
+    else d.resize(n + 2 * m, 0);
+    return under_vmap(all, d, [&](const Tensors& b) {
+      return rule(Tensors(b.begin(), b.begin() + n), Tensors(b.begin() + n, b.begin() + n + m),
+                  Tensors(b.begin() + n + m, b.end()));
+    });
+  };
   if (!r->recompute && r->vjp) {
-    v->vjp = [r, dims, under_vmap](const Tensors& in, const Tensors& out, const Tensors& ct) {
-      const size_t n = in.size(), m = out.size();
-      Tensors all(in);
-      all.insert(all.end(), out.begin(), out.end());
-      all.insert(all.end(), ct.begin(), ct.end());
-      std::vector<OptDim> d(dims);
-      d.resize(n + 2 * m, 0);
-      Tensors g = under_vmap(all, d, [&](const Tensors& b) {
-        Tensors bi(b.begin(), b.begin() + n), bo(b.begin() + n, b.begin() + n + m), bc(b.begin() + n + m, b.end());
+    v->vjp = [r, dims, rule_under_vmap](const Tensors& in, const Tensors& out, const Tensors& ct) {
+      Tensors g = rule_under_vmap(in, out, ct, false, [&](const Tensors& bi, const Tensors& bo, const Tensors& bc) {
         Tensors gi = check_rule_result(*r, "vjp", "inputs", r->vjp(bi, bo, bc), bi);
-        for (size_t i = 0; i < n; ++i)
+        for (size_t i = 0; i < gi.size(); ++i)
           if (!gi[i].defined()) gi[i] = at::zeros_like(bi[i]);
         return gi;
       });
       // Per-sample gradients of a shared (unbatched) input add up.
-      for (size_t i = 0; i < n; ++i) g[i] = dims[i] ? g[i].movedim(0, *dims[i]) : g[i].sum(0);
+      for (size_t i = 0; i < g.size(); ++i) g[i] = dims[i] ? g[i].movedim(0, *dims[i]) : g[i].sum(0);
       return g;
     };
   }
   if (!r->recompute && r->jvp) {
-    v->jvp = [r, dims, under_vmap](const Tensors& in, const Tensors& out, const Tensors& tan) {
-      const size_t n = in.size(), m = out.size();
-      Tensors all(in);
-      all.insert(all.end(), out.begin(), out.end());
-      all.insert(all.end(), tan.begin(), tan.end());
-      std::vector<OptDim> d(dims);
-      d.resize(n + m, 0);
-      d.insert(d.end(), dims.begin(), dims.end());  // a tangent is batched like its input
-      return under_vmap(all, d, [&](const Tensors& b) {
-        Tensors bi(b.begin(), b.begin() + n), bo(b.begin() + n, b.begin() + n + m), bt(b.begin() + n + m, b.end());
-        Tensors to = check_rule_result(*r, "jvp", "outputs", r->jvp(bi, bo, bt), bo);
-        return to;
+    v->jvp = [r, rule_under_vmap](const Tensors& in, const Tensors& out, const Tensors& tan) {
+      return rule_under_vmap(in, out, tan, true, [&](const Tensors& bi, const Tensors& bo, const Tensors& bt) {
+        return check_rule_result(*r, "jvp", "outputs", r->jvp(bi, bo, bt), bo);
       });
     };
   }
