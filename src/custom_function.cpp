@@ -45,6 +45,12 @@ class Lowered {
 
 bool float_leaf(const at::Tensor& t) { return t.defined() && is_differentiable_dtype(t); }
 
+/// t's TensorWrapper if it is one of grad / jvp level `lvl`.
+ft::TensorWrapper* wrapper_at(const at::Tensor& t, int64_t lvl) {
+  auto* w = t.defined() ? compat::wrapper_of(t) : nullptr;
+  return (w && w->level().has_value() && *w->level() == lvl) ? w : nullptr;
+}
+
 void check_outputs(const CustomRules& r, const Tensors& out) {
   TORCH_CHECK(!out.empty(), "torchfunc::custom_function '", r.name, "': the forward returned no Tensors.");
   for (size_t k = 0; k < out.size(); ++k)
@@ -97,8 +103,7 @@ Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& ou
   std::vector<char> rewrap(in.size(), 0);
   for (size_t i = 0; i < in.size(); ++i) {
     base[i] = in[i].defined() ? compat::unwrap_dead(in[i]) : in[i];
-    auto* w = base[i].defined() ? compat::wrapper_of(base[i]) : nullptr;
-    if (w && w->level().has_value() && *w->level() == outer) {
+    if (auto* w = wrapper_at(base[i], outer)) {
       base[i] = w->value();
       rewrap[i] = 1;
     }
@@ -128,9 +133,7 @@ Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& ou
     if (!diff[i]) continue;
     result[i] = compat::unwrap_grad(g[j++], lvl);  // Note [unwrap before pop]
     // (Already one where the cotangent, a level-L tensor, entered the result.)
-    auto* w = compat::wrapper_of(result[i]);
-    const bool at_outer = w && w->level().has_value() && *w->level() == outer;
-    if (rewrap[i] && !at_outer) result[i] = ft::makeTensorWrapper(result[i], outer);
+    if (rewrap[i] && !wrapper_at(result[i], outer)) result[i] = ft::makeTensorWrapper(result[i], outer);
   }
   return result;
 }
@@ -282,8 +285,8 @@ Tensors call_at_grad(const CustomRulesPtr& r, const Tensors& in, const ft::Dynam
   bool any_at_level = false;
   for (size_t i = 0; i < in.size(); ++i) {
     values[i] = in[i];
-    auto* w = in[i].defined() ? compat::wrapper_of(in[i]) : nullptr;
-    if (!w || !w->level().has_value() || *w->level() != lvl) continue;
+    auto* w = wrapper_at(in[i], lvl);
+    if (!w) continue;
     any_at_level = true;
     values[i] = w->value();
     diff[i] = float_leaf(in[i]) && in[i].requires_grad();
@@ -308,8 +311,8 @@ Tensors call_at_jvp(const CustomRulesPtr& r, const Tensors& in, const ft::Dynami
   bool any_at_level = false, any_tangent = false;
   for (size_t i = 0; i < in.size(); ++i) {
     values[i] = in[i];
-    auto* w = in[i].defined() ? compat::wrapper_of(in[i]) : nullptr;
-    if (!w || !w->level().has_value() || *w->level() != lvl) continue;
+    auto* w = wrapper_at(in[i], lvl);
+    if (!w) continue;
     any_at_level = true;
     values[i] = w->value();
     if (float_leaf(in[i]) && in[i]._fw_grad(0).defined()) {
