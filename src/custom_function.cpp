@@ -139,6 +139,16 @@ Tensors recompute_vjp(const CustomRules& r, const Tensors& in, const Tensors& ou
 }
 
 Tensors recompute_jvp(const CustomRules& r, const Tensors& in, const Tensors& tan) {
+  if (compat::kLibtorch113) {
+    // libtorch 1.13 only: forward mode at the current jvp level, without a new
+    // level (1.13 cannot push one while a lowered level holds its id).
+    Tensors duals(in);
+    for (size_t i = 0; i < in.size(); ++i)
+      if (float_leaf(in[i]) && tan[i].defined()) duals[i] = at::_make_dual(in[i], tan[i], 0);
+    Tensors t;
+    for (const auto& o : r.forward(duals)) t.push_back(float_leaf(o) ? std::get<1>(at::_unpack_dual(o, 0)) : at::Tensor());
+    return t;
+  }
   std::vector<char> diff(in.size());
   for (size_t i = 0; i < in.size(); ++i) diff[i] = float_leaf(in[i]);
   auto fn = [&](Tensors& wrapped, FlatResult& res) {

