@@ -5,7 +5,7 @@
 //    torchfunc::custom_function the rule is written once and holds under
 //    vmap(grad(...)): per-sample gradients of the binarised model, checked
 //    against a loop of single-sample backward passes that use the classic
-//    trick x + (sign(x) - x).detach() instead.
+//    detach trick c + (sign(x) - c).detach(), c = clamp(x, -1, 1), instead.
 // 2. A numerically stable log-sum-exp with its own derivative rules and its
 //    own vmap rule: per-sample Hessians, checked against torch::logsumexp.
 // 3. checkpoint: per-sample gradients of a deep per-position MLP, with the
@@ -144,7 +144,7 @@ int main(int argc, char** argv) {
         torch::nn::functional::cross_entropy(layer(p, "1", h), ys[i].unsqueeze(0)).backward();
         rows.push_back(p[item.key()].grad());
       }
-      example::check_close(item.value(), torch::stack(rows), 1e-5, item.key() + " equals the loop with x + (sign(x) - x).detach()");
+      example::check_close(item.value(), torch::stack(rows), 1e-5, item.key() + " equals a loop using c + (sign(x) - c).detach(), c = clamp(x, -1, 1)");
     }
   }
 
