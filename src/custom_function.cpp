@@ -31,8 +31,10 @@ class Lowered {
     lower.pop_back();
     ft::setDynamicLayerStack(lower);
     if (lower.empty()) ft::setDynamicLayerFrontBackKeysIncluded(false);
+    ++lowered_depth();
   }
   ~Lowered() {
+    --lowered_depth();
     ft::setDynamicLayerStack(saved_);
     ft::setDynamicLayerFrontBackKeysIncluded(true);
   }
@@ -44,6 +46,10 @@ class Lowered {
 };
 
 bool float_leaf(const at::Tensor& t) { return t.defined() && is_differentiable_dtype(t); }
+
+/// values[i]: in[i] without its wrapper of grad / jvp level `lvl` (in[i]
+/// itself if it has none); at[i]: whether it had one. Returns whether any had.
+bool unwrap_level(const Tensors& in, int64_t lvl, Tensors& values, std::vector<char>& at);
 
 /// t's TensorWrapper if it is one of grad / jvp level `lvl`.
 ft::TensorWrapper* wrapper_at(const at::Tensor& t, int64_t lvl) {
@@ -288,19 +294,26 @@ Tensors call_plain(const CustomRulesPtr& r, const Tensors& in) {
   return out;
 }
 
+bool unwrap_level(const Tensors& in, int64_t lvl, Tensors& values, std::vector<char>& at) {
+  values = in;
+  at.assign(in.size(), 0);
+  bool any = false;
+  for (size_t i = 0; i < in.size(); ++i) {
+    if (auto* w = wrapper_at(in[i], lvl)) {
+      values[i] = w->value();
+      at[i] = 1;
+      any = true;
+    }
+  }
+  return any;
+}
+
 Tensors call_at_grad(const CustomRulesPtr& r, const Tensors& in, const ft::DynamicLayer& layer) {
   const int64_t lvl = layer.layerId();
-  Tensors values(in.size());
-  std::vector<char> diff(in.size(), 0);
-  bool any_at_level = false;
-  for (size_t i = 0; i < in.size(); ++i) {
-    values[i] = in[i];
-    auto* w = wrapper_at(in[i], lvl);
-    if (!w) continue;
-    any_at_level = true;
-    values[i] = w->value();
-    diff[i] = float_leaf(in[i]) && in[i].requires_grad();
-  }
+  Tensors values;
+  std::vector<char> diff;
+  const bool any_at_level = unwrap_level(in, lvl, values, diff);
+  for (size_t i = 0; i < in.size(); ++i) diff[i] = diff[i] && float_leaf(in[i]) && in[i].requires_grad();
   Tensors out;
   {
     c10::AutoGradMode mode(ft::GradInterpreterPtr(&layer.interpreter()).prevGradMode());
@@ -317,15 +330,12 @@ Tensors call_at_grad(const CustomRulesPtr& r, const Tensors& in, const ft::Dynam
 
 Tensors call_at_jvp(const CustomRulesPtr& r, const Tensors& in, const ft::DynamicLayer& layer) {
   const int64_t lvl = layer.layerId();
-  Tensors values(in.size()), primals = in, tangents(in.size());
-  bool any_at_level = false, any_tangent = false;
+  Tensors values, primals = in, tangents(in.size());
+  std::vector<char> mine;
+  const bool any_at_level = unwrap_level(in, lvl, values, mine);
+  bool any_tangent = false;
   for (size_t i = 0; i < in.size(); ++i) {
-    values[i] = in[i];
-    auto* w = wrapper_at(in[i], lvl);
-    if (!w) continue;
-    any_at_level = true;
-    values[i] = w->value();
-    if (float_leaf(in[i]) && in[i]._fw_grad(0).defined()) {
+    if (mine[i] && float_leaf(in[i]) && in[i]._fw_grad(0).defined()) {
       auto pt = at::_unpack_dual(in[i], 0);  // the primal without its tangent, for the rule
       primals[i] = std::get<0>(pt);
       tangents[i] = std::get<1>(pt);

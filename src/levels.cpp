@@ -86,6 +86,17 @@ ThreadSerializer::~ThreadSerializer() {
   if (compat::kSerializeThreads && --t_serial_depth == 0) serial_mutex().unlock();
 }
 
+int& lowered_depth() {
+  thread_local int depth = 0;
+  return depth;
+}
+
+void fail_push_while_lowered(const char* api) {
+  fail(std::string(api) + ": on libtorch 1.13, transforms cannot run inside a custom_function's forward or vmap "
+       "rule (1.13 keeps level metadata in one map keyed by level id, and the custom function has set its "
+       "level aside). Apply the transform outside the custom function, or use libtorch 2.x.");
+}
+
 void LayerGuard::entered(const char* api) { t_transforms.push_back(api); }
 
 LayerGuard::~LayerGuard() {

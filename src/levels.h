@@ -48,6 +48,13 @@ namespace ft = at::functorch;
 /// the allocator); every later call pays a single static check.
 void setup_once();
 
+/// How many custom-function calls have lowered this thread's layer stack
+/// (custom_function.cpp's Lowered) and not yet restored it.
+int& lowered_depth();
+/// libtorch 1.13 only: it keeps level metadata in a global map keyed by
+/// level id, so no level can be pushed while a lowered level holds its id.
+[[noreturn]] void fail_push_while_lowered(const char* api);
+
 /// Holds the process-wide transform lock while this thread is inside its
 /// outermost transform (only where compat::kSerializeThreads).
 class ThreadSerializer {
@@ -66,6 +73,7 @@ class LayerGuard {
   template <class Push>
   LayerGuard(const char* api, Push&& push) : depth_(compat::layer_depth()) {
     setup_once();
+    if (compat::kLibtorch113 && lowered_depth() > 0) fail_push_while_lowered(api);
     level_ = push();
     entered(api);
   }

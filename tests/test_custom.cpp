@@ -323,6 +323,24 @@ TEST_F(CustomFunction, MissingRulesAndBadRulesAreClearErrors) {
   EXPECT_TRUE(torch::allclose(lin(x), torch::addmm(lin->bias, x.unsqueeze(0), lin->weight.t()).squeeze(0)));
 }
 
+TEST_F(CustomFunction, TransformsInsideTheForward) {
+  // The forward itself uses vmap (row-wise exp-normalise), under grad.
+  auto rows = func::custom_function("rowwise", [](const Tensor& x) {
+                return func::vmap([](const Tensor& r) { return r.exp() / r.exp().sum(); })(x);
+              }).vjp([](const Tensor& g, const Tensor& y, const Tensor&) {
+    return y * (g - (g * y).sum(-1, true));
+  });
+  Tensor x = torch::randn({3, 4}, torch::kDouble);
+  Tensor w = torch::randn({3, 4}, torch::kDouble);
+  auto f = [&](const Tensor& v) { return (rows(v) * w).sum(); };
+  if (TORCH_VERSION_MAJOR >= 2) {
+    Tensor ref = func::grad([&](const Tensor& v) { return (torch::softmax(v, -1) * w).sum(); })(x);
+    EXPECT_TRUE(torch::allclose(func::grad(f)(x), ref));
+  } else {
+    EXPECT_ERROR(func::grad(f)(x), "on libtorch 1.13, transforms cannot run inside a custom_function's forward");
+  }
+}
+
 class Checkpoint : public TF {
  protected:
   std::atomic<int> calls{0};
