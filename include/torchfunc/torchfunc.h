@@ -23,3 +23,4 @@
 #include <torchfunc/dp.h>
 #include <torchfunc/custom_function.h>
 #include <torchfunc/checkpoint.h>
+#include <torchfunc/compile.h>

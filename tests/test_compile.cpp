@@ -1,0 +1,301 @@
+// Capture and replay (include/torchfunc/compile.h). Every compiled result is
+// compared with the same function run eagerly on the same new inputs, and the
+// transformed workloads also with loops of torch::autograd (independent of
+// torchfunc's transforms).
+#include "common.h"
+
+namespace nn = torch::nn;
+using func::TensorDict;
+
+namespace {
+
+void expect_dicts_close(const TensorDict& a, const TensorDict& b, double tol = 1e-6) {
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& it : a) {
+    SCOPED_TRACE(it.key());
+    expect_close(it.value(), b[it.key()], tol);
+  }
+}
+
+Tensor mse(const Tensor& pred, const Tensor& y) { return (pred - y).pow(2).mean(); }
+
+}  // namespace
+
+TEST_F(TF, CompileReplaysAPlainFunctionOnNewInputs) {
+  auto f = [](const Tensor& x, const Tensor& w) { return torch::tanh(x.mm(w)).sum(1) + x.sin().mean(); };
+  auto cf = func::compile(f);
+  Tensor x = torch::randn({5, 3}), w = torch::randn({3, 4});
+  expect_close(cf(x, w), f(x, w));  // the capturing call is an eager call
+  for (int rep = 0; rep < 3; ++rep) {
+    Tensor x2 = torch::randn({5, 3}), w2 = torch::randn({3, 4});
+    expect_close(cf(x2, w2), f(x2, w2));
+  }
+  EXPECT_EQ(cf.num_signatures(), 1u);
+  auto g = cf.graphs().at(0);
+  EXPECT_EQ(g.num_inputs(), 2u);
+  EXPECT_EQ(g.count("aten::mm"), 1u);
+  EXPECT_EQ(g.count("aten::tanh"), 1u);
+  // A new shape is a new signature, captured again.
+  Tensor x3 = torch::randn({7, 3});
+  expect_close(cf(x3, w), f(x3, w));
+  EXPECT_EQ(cf.num_signatures(), 2u);
+}
+
+TEST_F(TF, CompiledPerSampleGradientsEqualEagerAndALoop) {
+  nn::Sequential net(nn::Linear(6, 16), nn::Tanh(), nn::Linear(16, 3));
+  TensorDict params = func::named_parameters(net);
+  auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) {
+    return torch::nll_loss(torch::log_softmax(func::functional_call(net, p, x.unsqueeze(0)), 1), y.unsqueeze(0));
+  };
+  auto psg = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
+  auto compiled = func::compile(psg);
+  Tensor x = torch::randn({8, 6}), y = torch::randint(3, {8});
+  compiled(params, x, y);
+  Tensor x2 = torch::randn({8, 6}), y2 = torch::randint(3, {8});
+  TensorDict got = compiled(params, x2, y2), eager = psg(params, x2, y2);
+  expect_dicts_close(got, eager);
+  // Independent of the transforms: one autograd.grad per sample.
+  std::vector<Tensor> ps;
+  for (const auto& it : params) ps.push_back(it.value().detach().requires_grad_());
+  for (int64_t i = 0; i < 8; ++i) {
+    TensorDict p;
+    size_t k = 0;
+    for (const auto& it : params) p.insert(it.key(), ps[k++]);
+    auto g = torch::autograd::grad({loss(p, x2[i], y2[i])}, ps);
+    size_t j = 0;
+    for (const auto& it : params) expect_close(got[it.key()][i], g[j++], 1e-5);
+  }
+  // Nothing of the transforms is left in the graph: plain ATen ops only.
+  auto gr = compiled.graphs().at(0);
+  EXPECT_GT(gr.num_nodes(), 5u);
+  EXPECT_EQ(gr.str().find("functorch"), std::string::npos);
+}
+
+TEST_F(TF, CompiledMamlMetaStepEqualsEagerAndAutogradLoop) {
+  nn::Sequential net(nn::Linear(1, 20), nn::ReLU(), nn::Linear(20, 20), nn::ReLU(), nn::Linear(20, 1));
+  TensorDict params = func::named_parameters(net);
+  auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) { return mse(func::functional_call(net, p, x), y); };
+  auto task = [&](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
+    TensorDict g = func::grad(loss)(p, a, b), q;
+    for (const auto& it : p) q.insert(it.key(), it.value() - 0.1 * g[it.key()]);
+    return loss(q, c, d);
+  };
+  auto meta = func::grad([&](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
+    return func::vmap(task, func::in_dims(func::none, 0, 0, 0, 0))(p, a, b, c, d).mean();
+  });
+  auto compiled = func::compile(meta);
+  auto batch = [] { return std::vector<Tensor>{torch::randn({4, 5, 1}), torch::randn({4, 5, 1}), torch::randn({4, 5, 1}), torch::randn({4, 5, 1})}; };
+  auto b0 = batch();
+  compiled(params, b0[0], b0[1], b0[2], b0[3]);
+  auto b = batch();
+  TensorDict got = compiled(params, b[0], b[1], b[2], b[3]);
+  expect_dicts_close(got, meta(params, b[0], b[1], b[2], b[3]));
+  // Reference: autograd with create_graph, a loop over tasks.
+  std::vector<Tensor> ps;
+  for (const auto& it : params) ps.push_back(it.value().detach().requires_grad_());
+  auto dict = [&](const std::vector<Tensor>& v) {
+    TensorDict d;
+    size_t k = 0;
+    for (const auto& it : params) d.insert(it.key(), v[k++]);
+    return d;
+  };
+  Tensor total = torch::zeros({});
+  for (int64_t i = 0; i < 4; ++i) {
+    auto g = torch::autograd::grad({loss(dict(ps), b[0][i], b[1][i])}, ps, {}, true, true);
+    std::vector<Tensor> q;
+    for (size_t k = 0; k < ps.size(); ++k) q.push_back(ps[k] - 0.1 * g[k]);
+    total = total + loss(dict(q), b[2][i], b[3][i]);
+  }
+  auto ref = torch::autograd::grad({total / 4}, ps);
+  size_t k = 0;
+  for (const auto& it : params) expect_close(got[it.key()], ref[k++], 1e-5);
+}
+
+TEST_F(TF, CompiledCnnPerSampleGradientsAndJacobiansEqualEager) {
+  nn::Sequential cnn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(),
+                     nn::Linear(4 * 3 * 3, 5));
+  TensorDict params = func::named_parameters(cnn);
+  auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) {
+    return torch::cross_entropy_loss(func::functional_call(cnn, p, x.unsqueeze(0)), y.unsqueeze(0));
+  };
+  auto psg = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
+  auto c1 = func::compile(psg);
+  Tensor x = torch::randn({6, 1, 8, 8}), y = torch::randint(5, {6});
+  c1(params, x, y);
+  Tensor x2 = torch::randn({6, 1, 8, 8}), y2 = torch::randint(5, {6});
+  expect_dicts_close(c1(params, x2, y2), psg(params, x2, y2));
+  // jacrev / jacfwd / hessian of a small function.
+  auto h = [](const Tensor& v) { return (v.sin() * v.cos().sum()).sum() + v.pow(3).sum(); };
+  auto jac = [](const Tensor& v) { return torch::tanh(v.outer(v)).sum(0); };
+  auto ch = func::compile(func::hessian(h));
+  auto cr = func::compile(func::jacrev(jac));
+  auto cfw = func::compile(func::jacfwd(jac));
+  Tensor v = torch::randn({5});
+  ch(v), cr(v), cfw(v);
+  Tensor v2 = torch::randn({5});
+  expect_close(ch(v2), func::hessian(h)(v2));
+  expect_close(cr(v2), func::jacrev(jac)(v2));
+  expect_close(cfw(v2), func::jacfwd(jac)(v2));
+}
+
+TEST_F(TF, CompileEliminatesDeadCodeAndCommonSubexpressions) {
+  auto f = [](const Tensor& x) {
+    Tensor unused = x.exp().cumsum(0);
+    (void)unused;
+    return x.sin() * x.sin() + x.cos();
+  };
+  Tensor x = torch::randn({4});
+  auto raw = func::make_graph(f, x);
+  EXPECT_EQ(raw.count("aten::sin"), 2u);
+  EXPECT_EQ(raw.count("aten::exp"), 1u);
+  auto opt = raw.optimized({});
+  EXPECT_EQ(opt.count("aten::sin"), 1u);
+  EXPECT_EQ(opt.count("aten::exp"), 0u);
+  EXPECT_EQ(opt.count("aten::cumsum"), 0u);
+  Tensor x2 = torch::randn({4});
+  expect_close(opt.run({x2})[0], f(x2));
+  expect_close(raw.run({x2})[0], f(x2));
+  // Not merged: reads separated by an in-place write.
+  auto g = [](const Tensor& x) {
+    Tensor y = x.clone();
+    Tensor a = y.sin();
+    y.add_(1);
+    return a + y.sin();
+  };
+  auto og = func::make_graph(g, x).optimized({});
+  EXPECT_EQ(og.count("aten::sin"), 2u);
+  expect_close(og.run({x2})[0], g(x2));
+  // Not merged either: reads through a view written in place.
+  auto h = [](const Tensor& x) {
+    Tensor y = x.clone();
+    Tensor a = y.sum();
+    y.view({-1}).mul_(2);
+    return a + y.sum();
+  };
+  auto oh = func::make_graph(h, x).optimized({});
+  EXPECT_EQ(oh.count("aten::sum"), 2u);
+  expect_close(oh.run({x2})[0], h(x2));
+}
+
+TEST_F(TF, CompileKeepsMutationsViewsAndConstantsMeaningful) {
+  // An in-place update of an argument happens at every replay.
+  auto inc = func::compile([](const Tensor& x) {
+    x.add_(1);
+    return x.view({-1}).narrow(0, 0, 2);
+  });
+  Tensor a = torch::zeros({2, 2});
+  inc(a);
+  Tensor b = torch::zeros({2, 2});
+  Tensor v = inc(b);
+  inc(b);
+  expect_close(b, torch::full({2, 2}, 2.0));
+  expect_close(v, torch::full({2}, 2.0));  // a view of b, as eagerly
+  // Tensors the function closes over are read at every replay.
+  Tensor w = torch::ones({3});
+  auto scale = func::compile([&w](const Tensor& x) { return x * w; });
+  Tensor x = torch::randn({3});
+  scale(x);
+  {
+    torch::NoGradGuard ng;
+    w.mul_(3);
+  }
+  expect_close(scale(x), x * 3);
+  // Tensors built from host data inside the function (torch::tensor) keep their values,
+  // also when the function then updates them in place.
+  auto table = func::compile([](const Tensor& x) {
+    Tensor c = torch::tensor({1.0f, 2.0f, 3.0f});
+    c.mul_(2);
+    return x * c;
+  });
+  table(x);
+  table(x);
+  expect_close(table(x), x * torch::tensor({2.0f, 4.0f, 6.0f}));
+}
+
+TEST_F(TF, CompileRefusesWhatAReplayCannotReproduce) {
+  Tensor x = torch::randn({4});
+  auto item = func::compile([](const Tensor& v) { return v * v.sum().item<float>(); });
+  EXPECT_ERROR(item(x), "compile: aten::item reads tensor data on the host");
+  EXPECT_EQ(item.num_signatures(), 0u);
+  auto branch = func::compile([](const Tensor& v) { return (v.sum() > 0).item<bool>() ? v : -v; });
+  EXPECT_ERROR(branch(x), "compile: aten::");
+  auto nz = func::compile([](const Tensor& v) { return v.nonzero(); });
+  EXPECT_ERROR(nz(x), "aten::nonzero");
+  auto mask = func::compile([](const Tensor& v) { return v.index({v > 0}); });
+  EXPECT_ERROR(mask(x), "depends on tensor data");
+  auto noise = func::compile([](const Tensor& v) { return v + torch::randn_like(v); });
+  EXPECT_ERROR(noise(x), "global generator");
+  auto drop = func::compile([](const Tensor& v) { return torch::dropout(v, 0.5, true); });
+  EXPECT_ERROR(drop(x), "global generator");
+  auto pv = func::compile(func::vmap([](const Tensor& v) { return v * torch::rand({}); }, 0, func::Randomness::Different));
+  EXPECT_ERROR(pv(torch::randn({3, 2})), "global generator");
+  // Integer indexing has a static shape and is replayed.
+  auto gather = func::compile([](const Tensor& v, const Tensor& idx) { return v.index({idx}); });
+  Tensor idx = torch::tensor({3, 0, 0});
+  gather(x, idx);
+  Tensor idx2 = torch::tensor({1, 2, 3});
+  expect_close(gather(x, idx2), x.index({idx2}));
+}
+
+TEST_F(TF, CompileReplaysRandomOpsWithAGivenGenerator) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  auto gen_ref = at::make_generator<at::CPUGeneratorImpl>(7);
+  auto noisy = [](at::Generator g) {
+    return [g](const Tensor& v) { return v + at::normal(0.0, 1.0, v.sizes(), g); };
+  };
+  auto cf = func::compile(noisy(gen));
+  auto ef = noisy(gen_ref);
+  Tensor x = torch::randn({5});
+  for (int i = 0; i < 3; ++i) expect_close(cf(x), ef(x));  // same draws, the generator advanced as eagerly
+}
+
+TEST_F(TF, CompileMisuseIsAClearErrorAndLeavesNoState) {
+  Tensor x = torch::randn({3});
+  // Arguments that require grad: the replay would not be differentiable.
+  auto f = func::compile([](const Tensor& v) { return v.sin(); });
+  Tensor p = torch::randn({3}, torch::requires_grad());
+  EXPECT_ERROR(f(p), "input 0 requires grad");
+  {
+    torch::NoGradGuard ng;
+    expect_close(f(p), p.sin());
+  }
+  // A closed-over tensor that requires grad.
+  auto g = func::compile([p](const Tensor& v) { return v * p; });
+  EXPECT_ERROR(g(x), "requires grad and is not an argument");
+  // Inside a transform.
+  EXPECT_ERROR(func::vmap([&](const Tensor& v) { return f(v); })(torch::randn({2, 3})), "inside a transform");
+  // Nested capture.
+  auto outer = func::compile([&](const Tensor& v) { return f(v) * 2; });
+  EXPECT_ERROR(outer(x), "another capture");
+  // The function's own exception leaves nothing behind, and the next call captures.
+  bool fail = true;
+  auto thrower = func::compile([&](const Tensor& v) {
+    Tensor y = v.exp();
+    if (fail) throw std::runtime_error("user error");
+    return y;
+  });
+  EXPECT_THROW(thrower(x), std::runtime_error);
+  fail = false;
+  expect_close(thrower(x), x.exp());
+  // Too many signatures.
+  auto few = func::compile([](const Tensor& v) { return v * 2; }, func::CompileOptions{true, true, true, 2});
+  few(torch::randn({1})), few(torch::randn({2}));
+  EXPECT_ERROR(few(torch::randn({3})), "max_signatures");
+  // Number leaves are part of the signature.
+  auto scaled = func::compile([](const Tensor& v, double s) { return v * s; });
+  expect_close(scaled(x, 2.0), x * 2);
+  expect_close(scaled(x, 3.0), x * 3);
+  EXPECT_EQ(scaled.num_signatures(), 2u);
+}
+
+TEST_F(TF, MakeGraphPrintsTheLoweredOps) {
+  auto f = func::grad([](const Tensor& x) { return x.sin().sum(); });
+  auto g = func::make_graph(f, torch::randn({3}));
+  std::string s = g.str();
+  EXPECT_NE(s.find("aten::sin"), std::string::npos) << s;
+  EXPECT_NE(s.find("aten::cos"), std::string::npos) << s;  // the backward, lowered
+  EXPECT_NE(s.find("return ("), std::string::npos) << s;
+  Tensor x2 = torch::randn({3});
+  expect_close(g.run({x2})[0], x2.cos());
+  EXPECT_ERROR(g.run({}), "expected 1 inputs");
+}
