@@ -36,6 +36,12 @@ using Call = std::function<void()>;
 // --device: W1, W2 and W9 run on it (scripts/gpu-check.sh uses cuda); the
 // other cases are CPU only.
 c10::Device g_device(c10::kCPU);
+bool g_print_graph = false;  // --graph: compiled cases print their captured graph to stderr
+template <class C>
+void maybe_print_graph(const C& compiled) {
+  if (!g_print_graph) return;
+  for (const auto& g : compiled.graphs()) std::fprintf(stderr, "%s(%zu nodes)\n", g.str().c_str(), g.num_nodes());
+}
 bool device_case(const std::string& name) { return name.rfind("W1/", 0) == 0 || name.rfind("W2/", 0) == 0 || name.rfind("W9/", 0) == 0; }
 struct Case {
   std::string name, what;
@@ -96,6 +102,19 @@ std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> mak
     auto f = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
     return Call([=]() mutable { f(*params, x, y); });
   };
+  auto setup_compiled = [=] {  // the same function, captured once (torchfunc/compile.h)
+    auto model = std::make_shared<M>(make());
+    (*model)->to(g_device);
+    auto x = torch::randn(x_shape, g_device), y = torch::randint(10, {x_shape[0]}, torch::TensorOptions(g_device).dtype(torch::kLong));
+    auto params = std::make_shared<TensorDict>(func::named_parameters(*model));
+    auto loss = [model](const TensorDict& p, const Tensor& xi, const Tensor& yi) {
+      return nll(func::functional_call(*model, p, xi.unsqueeze(0)), yi.unsqueeze(0));
+    };
+    auto f = func::compile(func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0)));
+    f(*params, x, y);  // capture
+    maybe_print_graph(f);
+    return Call([=]() mutable { f(*params, x, y); });
+  };
   auto setup_loop = [=] {
     auto model = std::make_shared<M>(make());
     (*model)->to(g_device);
@@ -111,6 +130,7 @@ std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> mak
     });
   };
   return {{id + "/vmap", "vmap(grad(loss over functional_call))", setup_vmap},
+          {id + "/compiled", "compile(vmap(grad(loss over functional_call))), captured before timing", setup_compiled},
           {id + "/loop", "baseline: loop of single-sample autograd.grad", setup_loop}};
 }
 
@@ -298,7 +318,7 @@ std::vector<Case> all_cases() {
   // W8: one MAML meta-step.
   // mse: the same meta-step with torch::mse_loss, which goes through
   // mse_loss_backward (no batching rule in libtorch; torchfunc registers one).
-  auto maml_setup = [](bool transforms, bool mse = false) {
+  auto maml_setup = [](bool transforms, bool mse = false, bool compiled = false) {
     auto net = std::make_shared<nn::Sequential>(nn::Linear(1, 40), nn::ReLU(), nn::Linear(40, 40), nn::ReLU(),
                                                 nn::Linear(40, 1));
     auto params = func::named_parameters(*net);
@@ -318,6 +338,12 @@ std::vector<Case> all_cases() {
                                     const Tensor& d) {
         return func::vmap(task, func::in_dims(func::none, 0, 0, 0, 0))(p, a, b, c, d).mean();
       });
+      if (compiled) {
+        auto cmeta = func::compile(meta);
+        cmeta(params, xs, ys, xq, yq);  // capture
+        maybe_print_graph(cmeta);
+        return Call([=] { cmeta(params, xs, ys, xq, yq); });
+      }
       return Call([=] { meta(params, xs, ys, xq, yq); });
     }
     return Call([=] {
@@ -337,6 +363,8 @@ std::vector<Case> all_cases() {
                    [=] { return maml_setup(true); }});
   cases.push_back({"W8/vmap_grad_mse", "W8/vmap_grad with torch::mse_loss as the loss",
                    [=] { return maml_setup(true, true); }});
+  cases.push_back({"W8/compiled", "compile(W8/vmap_grad): the meta-step captured once, replayed",
+                   [=] { return maml_setup(true, false, true); }});
   cases.push_back({"W8/loop", "baseline: loop over tasks, autograd with create_graph", [=] { return maml_setup(false); }});
 
   // W9: per-call overhead.
@@ -508,6 +536,7 @@ int main(int argc, char** argv) {
   app.add_option("--reps", reps, "timed calls per case (at least)")->capture_default_str();
   app.add_option("--min-time", min_time, "keep timing until this many seconds have passed")->capture_default_str();
   app.add_option("--threads", threads, "intra-op threads")->capture_default_str();
+  app.add_flag("--graph", g_print_graph, "compiled cases: print the captured graph (stderr)");
   std::string device = "cpu";
   app.add_option("--device", device, "cpu or cuda (W1, W2, W9 only)")->capture_default_str();
   CLI11_PARSE(app, argc, argv);

@@ -52,6 +52,10 @@ struct Node {
   std::vector<Arg> args;
   std::vector<Ret> rets;
   std::vector<int> release;  // values dropped after this node (free_after_last_use)
+  // Set by plan_dispatch: the backend kernel is called directly (its key set
+  // is fixed by the signature), skipping key extraction and observers.
+  bool direct = false;
+  c10::DispatchKeySet keys;
   bool failed = false;       // the op threw while capturing: not part of the graph
 };
 
@@ -62,6 +66,17 @@ struct GraphImpl {
   std::vector<Node> nodes;
   std::vector<int> outputs;
   std::vector<std::string> type_of;  // per value, for str(): "f32[4, 3]"
+  // Per value, as captured (fixed by the signature): layout and which storage
+  // it lives in (values that share one alias each other).
+  struct Meta {
+    std::vector<int64_t> sizes, strides;
+    int64_t offset = 0;
+    int storage = kNone;
+    c10::ScalarType dtype = c10::ScalarType::Undefined;
+    c10::Device device = c10::Device(c10::kCPU);
+    bool backend_only = false;  // dispatch keys: its backend's (+ autograd), no ZeroTensor / Conjugate / Negative
+  };
+  std::vector<Meta> meta;
 };
 
 namespace {
@@ -145,6 +160,7 @@ struct Capture {
   std::shared_ptr<GraphImpl> g = std::make_shared<GraphImpl>();
   std::unordered_map<const c10::TensorImpl*, int> id_of;
   std::unordered_map<const c10::StorageImpl*, int> storage_owner;
+  std::unordered_map<const c10::StorageImpl*, int> storage_id;
   std::vector<at::Tensor> tensor_of;  // per value, alive until the capture ends (no address is reused)
   std::vector<int> unwritten;         // per value: the empty(...) value whose contents no recorded op wrote, or kNone
   std::vector<int> producer;          // per value: the node that made it, or kNone
@@ -161,8 +177,29 @@ struct Capture {
     tensor_of.push_back(t);
     unwritten.push_back(kNone);
     producer.push_back(kNone);
-    g->type_of.push_back(describe(t));
+    add_meta(t);
     return id;
+  }
+
+  void add_meta(const at::Tensor& t) {
+    g->type_of.push_back(describe(t));
+    GraphImpl::Meta m;
+    m.dtype = t.scalar_type();
+    m.device = t.device();
+    if (t.layout() == c10::kStrided) {
+      m.sizes = t.sizes().vec();
+      m.strides = t.strides().vec();
+      m.offset = t.storage_offset();
+    }
+    if (t.layout() == c10::kStrided) {
+      auto ks = (t.key_set() - c10::autograd_dispatch_keyset).remove(c10::DispatchKey::ADInplaceOrView);
+      m.backend_only = ks == c10::DispatchKeySet(c10::computeDispatchKey(t.scalar_type(), t.layout(), t.device()));
+    }
+    if (t.has_storage() && t.storage().unsafeGetStorageImpl()) {
+      auto it = storage_id.emplace(t.storage().unsafeGetStorageImpl(), static_cast<int>(storage_id.size())).first;
+      m.storage = it->second;
+    }
+    g->meta.push_back(std::move(m));
   }
 
   void refuse(const std::string& msg) {
@@ -230,7 +267,7 @@ struct Capture {
     tensor_of.push_back(snap);
     unwritten.push_back(kNone);
     producer.push_back(kNone);
-    g->type_of.push_back(describe(snap));
+    add_meta(snap);
     g->constants.emplace_back(cid, snap);
     Node n(clone);
     Arg a;
@@ -607,52 +644,31 @@ bool constant_key(const c10::IValue& v, std::string& out) {
   return true;
 }
 
-struct UnionFind {
-  explicit UnionFind(int n) : parent(n) { std::iota(parent.begin(), parent.end(), 0); }
-  int find(int x) {
-    while (parent[x] != x) x = parent[x] = parent[parent[x]];
-    return x;
+
+// Storages some op writes (in place, out=): values living in them change
+// between two reads, so they are never merged or forwarded.
+std::vector<char> written_storages(const GraphImpl& g) {
+  int n = 0;
+  for (const auto& m : g.meta) n = std::max(n, m.storage + 1);
+  std::vector<char> written(n, 0);
+  for (const Node& node : g.nodes) {
+    const auto& s = node.op.schema();
+    for (size_t i = 0; i < node.args.size() && i < s.arguments().size(); ++i) {
+      if (!writes(s.arguments()[i])) continue;
+      const Arg& a = node.args[i];
+      auto mark = [&](int id) {
+        if (id != kNone && g.meta[id].storage != kNone) written[g.meta[id].storage] = 1;
+      };
+      if (a.kind == Arg::Kind::Value) mark(a.value);
+      for (int id : a.items) mark(id);
+    }
   }
-  void unite(int a, int b) { parent[find(a)] = find(b); }
-  std::vector<int> parent;
-};
+  return written;
+}
 
 void eliminate_common_subexpressions(GraphImpl& g) {
-  // Values that share memory with a value some op writes are never merged:
-  // their contents change between two reads.
-  UnionFind alias(g.num_values);
-  for (const Node& n : g.nodes) {
-    const auto& s = n.op.schema();
-    std::vector<int> aliased;
-    for (size_t i = 0; i < n.args.size() && i < s.arguments().size(); ++i) {
-      if (!s.arguments()[i].alias_info()) continue;
-      const Arg& a = n.args[i];
-      if (a.kind == Arg::Kind::Value) aliased.push_back(a.value);
-      for (int id : a.items) {
-        if (id != kNone) aliased.push_back(id);
-      }
-    }
-    for (size_t j = 0; j < n.rets.size() && j < s.returns().size(); ++j) {
-      if (!s.returns()[j].alias_info()) continue;
-      for (int id : n.rets[j].ids) {
-        if (id != kNone) aliased.push_back(id);
-      }
-    }
-    for (size_t k = 1; k < aliased.size(); ++k) alias.unite(aliased[0], aliased[k]);
-  }
-  std::vector<char> written(g.num_values, 0);
-  for (const Node& n : g.nodes) {
-    const auto& s = n.op.schema();
-    for (size_t i = 0; i < n.args.size() && i < s.arguments().size(); ++i) {
-      if (!writes(s.arguments()[i])) continue;
-      const Arg& a = n.args[i];
-      if (a.kind == Arg::Kind::Value) written[alias.find(a.value)] = 1;
-      for (int id : a.items) {
-        if (id != kNone) written[alias.find(id)] = 1;
-      }
-    }
-  }
-  auto clean = [&](int id) { return !written[alias.find(id)]; };
+  const std::vector<char> written = written_storages(g);
+  auto clean = [&](int id) { return g.meta[id].storage == kNone || !written[g.meta[id].storage]; };
 
   std::vector<int> rename(g.num_values);
   std::iota(rename.begin(), rename.end(), 0);
@@ -712,6 +728,111 @@ void eliminate_common_subexpressions(GraphImpl& g) {
   g.nodes = std::move(nodes);
   for (int& id : g.outputs) {
     if (id != kNone) id = rename[id];
+  }
+}
+
+// A pure view: one tensor return aliasing its first argument, nothing written.
+bool is_pure_view(const Node& n) {
+  const auto& s = n.op.schema();
+  if (s.returns().size() != 1 || n.rets.size() != 1 || n.rets[0].list || n.rets[0].ids.size() != 1) return false;
+  const auto* ra = s.returns()[0].alias_info();
+  if (!ra || ra->isWrite()) return false;
+  if (n.args.empty() || n.args[0].kind != Arg::Kind::Value || !s.arguments()[0].alias_info()) return false;
+  for (const auto& a : s.arguments()) {
+    if (writes(a)) return false;
+  }
+  return true;
+}
+
+// A chain of views (view(transpose(t(w)))) is one as_strided of its root: the
+// layouts are fixed by the signature, so the result's sizes, strides and
+// offset are known. The views in between then die (dead code).
+void collapse_views(GraphImpl& g) {
+  static const auto as_strided = c10::Dispatcher::singleton().findSchemaOrThrow("aten::as_strided", "");
+  std::vector<int> root(g.num_values);
+  std::iota(root.begin(), root.end(), 0);
+  for (Node& n : g.nodes) {
+    if (!is_pure_view(n)) continue;
+    const int in = n.args[0].value, out = n.rets[0].ids[0];
+    if (out == kNone) continue;
+    const int r = root[in];
+    const auto& mo = g.meta[out];
+    const auto& mr = g.meta[r];
+    if (mo.storage == kNone || mo.storage != mr.storage || mo.dtype != mr.dtype || mo.device != mr.device) continue;
+    root[out] = r;
+    if (n.op.schema().operator_name().name == "aten::as_strided" && n.args[0].value == r) continue;
+    Node v(as_strided);
+    Arg base;
+    base.kind = Arg::Kind::Value;
+    base.value = r;
+    v.args.push_back(base);
+    for (c10::IValue c : {c10::IValue(mo.sizes), c10::IValue(mo.strides), c10::IValue(c10::optional<int64_t>(mo.offset))}) {
+      Arg a;
+      a.constant = std::move(c);
+      v.args.push_back(std::move(a));
+    }
+    v.rets = n.rets;
+    n = std::move(v);
+  }
+}
+
+// x * 1, x / 1, x ** 1 and copies to the same dtype give x itself where the
+// layouts agree and nothing writes either storage.
+void forward_identities(GraphImpl& g) {
+  const std::vector<char> written = written_storages(g);
+  auto clean = [&](int id) { return g.meta[id].storage == kNone || !written[g.meta[id].storage]; };
+  std::vector<int> rename(g.num_values);
+  std::iota(rename.begin(), rename.end(), 0);
+  std::vector<Node> nodes;
+  for (Node& n : g.nodes) {
+    for (Arg& a : n.args) {
+      if (a.kind == Arg::Kind::Value) a.value = rename[a.value];
+      for (int& id : a.items) {
+        if (id != kNone) id = rename[id];
+      }
+    }
+    const auto& on = n.op.schema().operator_name();
+    const std::string name = on.name + "." + on.overload_name;
+    bool identity = false;
+    if (n.args.size() >= 2 && n.args[0].kind == Arg::Kind::Value && n.args[1].kind == Arg::Kind::Constant &&
+        n.rets.size() == 1 && n.rets[0].ids.size() == 1 && n.rets[0].ids[0] != kNone) {
+      const c10::IValue& k = n.args[1].constant;
+      const bool one = (k.isDouble() && k.toDouble() == 1.0) || (k.isInt() && k.toInt() == 1);
+      identity = one && (name == "aten::mul.Scalar" || name == "aten::div.Scalar" || name == "aten::pow.Tensor_Scalar");
+    }
+    if (identity) {
+      const int in = n.args[0].value, out = n.rets[0].ids[0];
+      const auto& a = g.meta[in];
+      const auto& b = g.meta[out];
+      if (clean(in) && clean(out) && a.dtype == b.dtype && a.device == b.device && a.sizes == b.sizes &&
+          a.strides == b.strides && a.offset == b.offset) {
+        rename[out] = in;
+        continue;
+      }
+    }
+    nodes.push_back(std::move(n));
+  }
+  g.nodes = std::move(nodes);
+  for (int& id : g.outputs) {
+    if (id != kNone) id = rename[id];
+  }
+}
+
+void plan_dispatch(GraphImpl& g) {
+  for (Node& n : g.nodes) {
+    int first = kNone;
+    bool backend_only = true;
+    for_each_arg_value(n, [&](int id) {
+      if (first == kNone) first = id;
+      backend_only = backend_only && g.meta[id].backend_only;
+    });
+    n.direct = false;
+    // Factories get their backend from their arguments (BackendSelect);
+    // ZeroTensors and lazy conjugate / negative views need their fallbacks.
+    if (first == kNone || !backend_only) continue;
+    const auto& m = g.meta[first];
+    n.keys = c10::DispatchKeySet(c10::computeDispatchKey(m.dtype, c10::kStrided, m.device));
+    n.direct = true;
   }
 }
 
@@ -851,7 +972,11 @@ std::vector<at::Tensor> Graph::run(const std::vector<at::Tensor>& inputs) const 
         }
       }
     }
-    n.op.callBoxed(&stack);
+    if (n.direct) {
+      n.op.redispatchBoxed(n.keys, &stack);
+    } else {
+      n.op.callBoxed(&stack);
+    }
     for (size_t j = 0; j < n.rets.size() && j < stack.size(); ++j) {
       const auto& r = n.rets[j];
       if (!r.list) {
@@ -873,9 +998,12 @@ std::vector<at::Tensor> Graph::run(const std::vector<at::Tensor>& inputs) const 
 
 Graph Graph::optimized(const CompileOptions& options) const {
   auto g = std::make_shared<detail::GraphImpl>(impl());
+  if (options.simplify_views) detail::collapse_views(*g);
+  if (options.forward_identities) detail::forward_identities(*g);
   if (options.eliminate_common_subexpressions) detail::eliminate_common_subexpressions(*g);
   if (options.eliminate_dead_code) detail::eliminate_dead_code(*g);
   if (options.free_after_last_use) detail::plan_releases(*g);
+  detail::plan_dispatch(*g);
   return Graph(std::move(g));
 }
 
