@@ -12,6 +12,7 @@
 #include <ATen/functorch/TensorWrapper.h>
 #include <ATen/functorch/VmapInterpreter.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/enum_tag.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -37,6 +38,17 @@ inline int64_t push_vmap_layer(int64_t batch_size, ft::RandomnessType r) {
   return ft::initAndPushDynamicLayer(ft::TransformType::Vmap, batch_size, r);
 }
 #endif
+
+// Tag::pointwise exists from 2.x; on 1.13 aot_function's min-cut partition
+// knows pointwise ops by name only (src/aot.cpp).
+inline bool is_pointwise(const c10::OperatorHandle& op) {
+#if TORCH_VERSION_MAJOR >= 2
+  return op.hasTag(at::Tag::pointwise);
+#else
+  (void)op;
+  return false;
+#endif
+}
 
 // libtorch 1.13: code that exists only for it sits in files named *_1_13.cpp
 // (built only for it; see CMakeLists.txt) and runs where this is true.

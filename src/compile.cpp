@@ -21,63 +21,13 @@
 #include <unordered_set>
 
 #include "compat.h"
+#include "graph.h"
 #include "levels.h"
 
 namespace torchfunc {
 namespace detail {
 
-namespace {
-constexpr int kNone = -1;
-}
-
-// One argument of a recorded op: a value of the graph, a list of values
-// (Tensor[], Tensor?[]) or a constant IValue (numbers, shapes, dtypes, ...).
-struct Arg {
-  enum class Kind : uint8_t { Constant, Value, List, OptionalList };
-  Kind kind = Kind::Constant;
-  c10::IValue constant;
-  int value = kNone;
-  std::vector<int> items;  // List / OptionalList (kNone: None)
-};
-
-// One return: a tensor (one id, kNone if undefined) or a Tensor[] (one id each).
-struct Ret {
-  bool list = false;
-  std::vector<int> ids;
-};
-
-struct Node {
-  explicit Node(c10::OperatorHandle o) : op(std::move(o)) {}
-  c10::OperatorHandle op;
-  std::vector<Arg> args;
-  std::vector<Ret> rets;
-  std::vector<int> release;  // values dropped after this node (free_after_last_use)
-  // Set by plan_dispatch: the backend kernel is called directly (its key set
-  // is fixed by the signature), skipping key extraction and observers.
-  bool direct = false;
-  c10::DispatchKeySet keys;
-  bool failed = false;       // the op threw while capturing: not part of the graph
-};
-
-struct GraphImpl {
-  int num_values = 0;
-  std::vector<int> inputs;
-  std::vector<std::pair<int, at::Tensor>> constants;
-  std::vector<Node> nodes;
-  std::vector<int> outputs;
-  std::vector<std::string> type_of;  // per value, for str(): "f32[4, 3]"
-  // Per value, as captured (fixed by the signature): layout and which storage
-  // it lives in (values that share one alias each other).
-  struct Meta {
-    std::vector<int64_t> sizes, strides;
-    int64_t offset = 0;
-    int storage = kNone;
-    c10::ScalarType dtype = c10::ScalarType::Undefined;
-    c10::Device device = c10::Device(c10::kCPU);
-    bool backend_only = false;  // dispatch keys: its backend's (+ autograd), no ZeroTensor / Conjugate / Negative
-  };
-  std::vector<Meta> meta;
-};
+// Graph, Node, Arg, Ret, GraphImpl: src/graph.h.
 
 namespace {
 
@@ -111,7 +61,6 @@ bool all_plain(c10::ArrayRef<const c10::IValue> inputs) {
   return true;
 }
 
-bool writes(const c10::Argument& a) { return a.alias_info() && a.alias_info()->isWrite(); }
 
 bool is_view_op(const c10::FunctionSchema& s) {
   return !s.returns().empty() && s.returns()[0].alias_info() && !s.returns()[0].alias_info()->isWrite();
@@ -167,6 +116,7 @@ struct Capture {
   int depth = 0;                      // > 0 inside a recorded op
   bool busy = false;                  // inside the observer itself (its own ops are not the function's)
   std::string refusal;
+  size_t mark = 0;  // capture_mark()
 
   int new_value(const at::Tensor& t) {
     int id = g->num_values++;
@@ -510,6 +460,34 @@ class Observing {
 
 }  // namespace
 
+void capture_add_input(const at::Tensor& t) {
+  Capture* c = t_capture;
+  TORCH_INTERNAL_ASSERT(c != nullptr, "capture_add_input outside a capture");
+  c->g->inputs.push_back(c->new_value(t));
+}
+
+at::Tensor capture_new_input(const at::Tensor& like) {
+  Capture* c = t_capture;
+  TORCH_INTERNAL_ASSERT(c != nullptr, "capture_new_input outside a capture");
+  at::Tensor t;
+  {
+    c->busy = true;  // not an op of the function
+    struct Idle {
+      bool& b;
+      ~Idle() { b = false; }
+    } idle{c->busy};
+    t = at::ones_like(like, at::MemoryFormat::Contiguous);
+  }
+  c->g->inputs.push_back(c->new_value(t));
+  return t;
+}
+
+void capture_mark() {
+  Capture* c = t_capture;
+  TORCH_INTERNAL_ASSERT(c != nullptr, "capture_mark outside a capture");
+  c->mark = c->g->nodes.size();
+}
+
 Graph capture_graph(const char* who, const std::vector<at::Tensor>& inputs,
                     const std::function<void(std::vector<at::Tensor>& outs)>& body) {
   setup_once();
@@ -548,6 +526,7 @@ Graph capture_graph(const char* who, const std::vector<at::Tensor>& inputs,
   }
   TORCH_CHECK(c.refusal.empty(), "torchfunc::", who, ": ", c.refusal);
   auto& nodes = c.g->nodes;
+  for (size_t i = 0; i < c.mark && i < nodes.size(); ++i) c.g->boundary += nodes[i].failed ? 0 : 1;
   nodes.erase(std::remove_if(nodes.begin(), nodes.end(), [](const Node& n) { return n.failed; }), nodes.end());
   return Graph(c.g);
 }
@@ -555,38 +534,6 @@ Graph capture_graph(const char* who, const std::vector<at::Tensor>& inputs,
 // ---- passes ---------------------------------------------------------------------
 
 namespace {
-
-template <class Fn>
-void for_each_arg_value(const Node& n, Fn&& fn) {
-  for (const Arg& a : n.args) {
-    if (a.kind == Arg::Kind::Value) {
-      fn(a.value);
-    } else {
-      for (int id : a.items) {
-        if (id != kNone) fn(id);
-      }
-    }
-  }
-}
-
-template <class Fn>
-void for_each_ret_value(const Node& n, Fn&& fn) {
-  for (const Ret& r : n.rets) {
-    for (int id : r.ids) {
-      if (id != kNone) fn(id);
-    }
-  }
-}
-
-bool has_side_effects(const Node& n) {
-  for (const auto& a : n.op.schema().arguments()) {
-    if (writes(a)) return true;
-  }
-  if (n.op.hasTag(at::Tag::nondeterministic_seeded)) return true;
-  bool any = false;
-  for_each_ret_value(n, [&](int) { any = true; });
-  return !any;
-}
 
 void eliminate_dead_code(GraphImpl& g) {
   std::vector<char> live(g.num_values, 0);
@@ -731,6 +678,8 @@ void eliminate_common_subexpressions(GraphImpl& g) {
   }
 }
 
+}  // namespace
+
 // A pure view: one tensor return aliasing its first argument, nothing written.
 bool is_pure_view(const Node& n) {
   const auto& s = n.op.schema();
@@ -743,6 +692,8 @@ bool is_pure_view(const Node& n) {
   }
   return true;
 }
+
+namespace {
 
 // A chain of views (view(transpose(t(w)))) is one as_strided of its root: the
 // layouts are fixed by the signature, so the result's sizes, strides and
@@ -996,14 +947,20 @@ std::vector<at::Tensor> Graph::run(const std::vector<at::Tensor>& inputs) const 
   return outs;
 }
 
+namespace detail {
+void optimize_graph(GraphImpl& g, const CompileOptions& options) {
+  if (options.simplify_views) collapse_views(g);
+  if (options.forward_identities) forward_identities(g);
+  if (options.eliminate_common_subexpressions) eliminate_common_subexpressions(g);
+  if (options.eliminate_dead_code) eliminate_dead_code(g);
+  if (options.free_after_last_use) plan_releases(g);
+  plan_dispatch(g);
+}
+}  // namespace detail
+
 Graph Graph::optimized(const CompileOptions& options) const {
   auto g = std::make_shared<detail::GraphImpl>(impl());
-  if (options.simplify_views) detail::collapse_views(*g);
-  if (options.forward_identities) detail::forward_identities(*g);
-  if (options.eliminate_common_subexpressions) detail::eliminate_common_subexpressions(*g);
-  if (options.eliminate_dead_code) detail::eliminate_dead_code(*g);
-  if (options.free_after_last_use) detail::plan_releases(*g);
-  detail::plan_dispatch(*g);
+  detail::optimize_graph(*g, options);
   return Graph(std::move(g));
 }
 
@@ -1072,6 +1029,13 @@ void CompileCache::check_room() const {
 size_t CompileCache::size() const {
   std::lock_guard<std::mutex> lock(mu_);
   return map_.size();
+}
+
+std::vector<std::shared_ptr<const void>> CompileCache::likes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<const void>> out;
+  for (const auto& kv : map_) out.push_back(kv.second->like);
+  return out;
 }
 
 std::vector<Graph> CompileCache::graphs() const {

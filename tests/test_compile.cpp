@@ -299,3 +299,85 @@ TEST_F(TF, MakeGraphPrintsTheLoweredOps) {
   expect_close(g.run({x2})[0], x2.cos());
   EXPECT_ERROR(g.run({}), "expected 1 inputs");
 }
+
+// ---- aot_function (include/torchfunc/aot.h) ------------------------------------------
+
+TEST_F(TF, AotFunctionTrainsLikeEagerAutograd) {
+  // The same MLP trained for three SGD steps eagerly and through aot_function.
+  auto make = [] {
+    torch::manual_seed(3);
+    return std::vector<Tensor>{torch::randn({8, 5}, torch::requires_grad()), torch::randn({8}, torch::requires_grad()),
+                               torch::randn({2, 8}, torch::requires_grad())};
+  };
+  auto loss = [](const std::vector<Tensor>& p, const Tensor& x, const Tensor& y) {
+    Tensor h = torch::tanh(torch::addmm(p[1], x, p[0].t()));
+    return torch::cross_entropy_loss(h.mm(p[2].t()), y);
+  };
+  auto pe = make(), pa = make();
+  auto f = func::aot_function(loss);
+  torch::optim::SGD oe(pe, torch::optim::SGDOptions(0.1).momentum(0.9)), oa(pa, torch::optim::SGDOptions(0.1).momentum(0.9));
+  for (int step = 0; step < 3; ++step) {
+    Tensor x = torch::randn({6, 5}), y = torch::randint(2, {6});
+    oe.zero_grad();
+    oa.zero_grad();
+    Tensor le = loss(pe, x, y), la = f(pa, x, y);
+    expect_close(la, le, 1e-6);
+    ASSERT_TRUE(la.requires_grad());
+    le.backward();
+    la.backward();
+    for (size_t k = 0; k < pe.size(); ++k) expect_close(pa[k].grad(), pe[k].grad(), 1e-6);
+    oe.step();
+    oa.step();
+  }
+  for (size_t k = 0; k < pe.size(); ++k) expect_close(pa[k], pe[k], 1e-5);
+  EXPECT_EQ(f.graphs().size(), 1u);
+  // Arguments without requires_grad get no gradient and cost nothing in the backward.
+  Tensor x = torch::randn({6, 5}, torch::requires_grad()), yx = torch::randint(2, {6});
+  Tensor lx = f(pa, x, yx);
+  EXPECT_EQ(f.graphs().size(), 2u);  // requires_grad is part of the signature
+  auto gx = torch::autograd::grad({lx}, {x});
+  auto gx_ref = torch::autograd::grad({loss(pa, x, yx)}, {x});
+  expect_close(gx[0], gx_ref[0], 1e-6);
+}
+
+TEST_F(TF, AotFunctionMinCutSavesLessOnTheTutorialCase) {
+  // functorch's aot_autograd tutorial: cos(cos(a + b + c + d)).
+  auto fn = [](const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) { return (a + b + c + d).cos().cos(); };
+  std::vector<Tensor> in;
+  for (int i = 0; i < 4; ++i) in.push_back(torch::randn({1000}, torch::requires_grad()));
+  Tensor ct = torch::randn({1000});
+  auto ref = torch::autograd::grad({fn(in[0], in[1], in[2], in[3])}, in, {ct});
+  for (auto part : {func::Partition::Default, func::Partition::MinCut}) {
+    auto f = func::aot_function(fn, func::AotOptions{part, {}});
+    for (int rep = 0; rep < 2; ++rep) {
+      Tensor y = f(in[0], in[1], in[2], in[3]);
+      expect_close(y, fn(in[0], in[1], in[2], in[3]).detach());
+      auto g = torch::autograd::grad({y}, in, {ct});
+      for (int i = 0; i < 4; ++i) expect_close(g[i], ref[i], 1e-6);
+    }
+  }
+  auto def = func::aot_function(fn, func::AotOptions{func::Partition::Default, {}});
+  auto cut = func::aot_function(fn, func::AotOptions{func::Partition::MinCut, {}});
+  def(in[0], in[1], in[2], in[3]), cut(in[0], in[1], in[2], in[3]);
+  auto gd = def.graphs().at(0), gc = cut.graphs().at(0);
+  EXPECT_EQ(gd->saved_bytes, 2 * 1000 * 4);  // a + b + c + d and its cos, as autograd saves them
+  EXPECT_EQ(gc->saved_bytes, 0);             // only the arguments: the backward recomputes the rest
+  EXPECT_GE(gc->backward.count("aten::cos"), 1u);
+  EXPECT_EQ(gd->backward.count("aten::cos"), 0u);
+}
+
+TEST_F(TF, AotFunctionMisuseIsAClearError) {
+  Tensor w = torch::randn({3}, torch::requires_grad());
+  auto f = func::aot_function([](const Tensor& v) { return (v * v).sum(); });
+  Tensor y = f(w);
+  y.backward({}, /*retain_graph=*/false);
+  EXPECT_ERROR(y.backward(), "backward ran twice");
+  Tensor y2 = f(w);
+  EXPECT_ERROR(torch::autograd::grad({y2}, {w}, {}, true, true), "not differentiable");
+  auto ints = func::aot_function([](const Tensor& v) { return v.argmax(); });
+  EXPECT_ERROR(ints(w), "not a floating-point tensor");
+  // Without arguments that require grad it is compile's replay.
+  Tensor x = torch::randn({3});
+  expect_close(f(x), (x * x).sum());
+  EXPECT_FALSE(f(x).requires_grad());
+}

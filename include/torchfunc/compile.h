@@ -105,6 +105,13 @@ namespace detail {
 Graph capture_graph(const char* who, const std::vector<at::Tensor>& inputs,
                     const std::function<void(std::vector<at::Tensor>& outs)>& body);
 
+/// Inside capture_graph's body: t becomes one more input of the graph (after
+/// the given ones); capture_mark() records how many ops ran so far.
+void capture_add_input(const at::Tensor& t);
+/// Inside capture_graph's body: a new input shaped like `like` (ones at capture).
+at::Tensor capture_new_input(const at::Tensor& like);
+void capture_mark();
+
 template <class>
 inline constexpr bool always_false = false;
 
@@ -173,6 +180,7 @@ class CompileCache {
   void check_room() const;  // before a capture: at most options.max_signatures graphs
   size_t size() const;
   std::vector<Graph> graphs() const;
+  std::vector<std::shared_ptr<const void>> likes() const;
   const CompileOptions options;
 
  private:

@@ -24,3 +24,4 @@
 #include <torchfunc/custom_function.h>
 #include <torchfunc/checkpoint.h>
 #include <torchfunc/compile.h>
+#include <torchfunc/aot.h>
