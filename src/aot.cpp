@@ -225,7 +225,9 @@ std::shared_ptr<const AotGraphs> aot_capture(const std::vector<at::Tensor>& inpu
     return out;
   }
   size_t n_out = 0;
-  Graph joint = capture_graph("aot_function", detached, [&](std::vector<at::Tensor>& outs) {
+  Graph joint;
+  try {
+  joint = capture_graph("aot_function", detached, [&](std::vector<at::Tensor>& outs) {
     std::vector<at::Tensor> d;
     for (size_t k : out->diff) d.push_back(detached[k]);
     auto fn = [&](const std::vector<at::Tensor>& dv) {
@@ -246,6 +248,11 @@ std::shared_ptr<const AotGraphs> aot_capture(const std::vector<at::Tensor>& inpu
     outs = y;
     outs.insert(outs.end(), grads.begin(), grads.end());
   });
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    if (msg.rfind("torchfunc::aot_function", 0) == 0) throw;
+    TORCH_CHECK(false, "torchfunc::aot_function: capturing the forward and backward: ", msg);
+  }
   const GraphImpl& j = joint.impl();
   const size_t n_primals = inputs.size();
   std::vector<char> fwd(j.num_values, 0);
