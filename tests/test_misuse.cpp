@@ -353,6 +353,45 @@ std::vector<Misuse> catalogue() {
         std::tuple<Tensor, std::vector<Tensor>> tree{x, {x, x}};
         func::tree_unflatten(std::vector<Tensor>{x}, tree);
       });
+  row("compile", ".item() (data-dependent control flow) in the function", "aten::item reads tensor data on the host",
+      [=] { func::compile([](const Tensor& v) { return v * v.sum().item<double>(); })(x); });
+  row("compile", "a data-dependent output shape (nonzero)", "aten::nonzero has an output whose shape depends on tensor data",
+      [=] { func::compile([](const Tensor& v) { return v.nonzero(); })(x); });
+  row("compile", "a random op drawing from the global generator", "aten::randn_like draws random numbers from the global generator",
+      [=] { func::compile([](const Tensor& v) { return v + torch::randn_like(v); })(x); });
+  row("compile", "an argument that requires grad", "input 0 requires grad; a compiled function's replay is not recorded by autograd",
+      [=] { func::compile([](const Tensor& v) { return v.sin(); })(torch::randn({3}, torch::requires_grad())); });
+  row("compile", "a closed-over tensor that requires grad", "reads a tensor that requires grad and is not an argument",
+      [=] {
+        Tensor w = torch::randn({3}, torch::requires_grad());
+        func::compile([w](const Tensor& v) { return v * w; })(x);
+      });
+  row("compile", "called inside a transform", "called inside a transform",
+      [=] {
+        auto c = func::compile([](const Tensor& v) { return v.sin(); });
+        func::vmap([&](const Tensor& v) { return c(v); })(xs);
+      });
+  row("compile", "more signatures than max_signatures", "CompileOptions::max_signatures",
+      [=] {
+        func::CompileOptions o;
+        o.max_signatures = 1;
+        auto c = func::compile([](const Tensor& v) { return v * 2; }, o);
+        c(x);
+        c(xs);
+      });
+  row("make_graph", "a capture inside a capture", "called while another capture runs on this thread",
+      [=] {
+        auto inner = func::compile([](const Tensor& v) { return v.sin(); });
+        func::make_graph([&](const Tensor& v) { return inner(v); }, x);
+      });
+  row("aot_function", "an integer result", "aot_function: capturing the forward and backward",
+      [=] { func::aot_function([](const Tensor& v) { return v.argmax(); })(torch::randn({3}, torch::requires_grad())); });
+  row("aot_function", "double backward (create_graph)", "its backward graph is not differentiable",
+      [=] {
+        Tensor w = torch::randn({3}, torch::requires_grad());
+        Tensor y = func::aot_function([](const Tensor& v) { return (v * v).sum(); })(w);
+        torch::autograd::grad({y}, {w}, {}, true, true);
+      });
   return r;
 }
 
