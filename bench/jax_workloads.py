@@ -116,6 +116,7 @@ def cases():
         return setup
     c["W1/vmap"] = per_sample(cnn, cnn_params(), (64, 1, 28, 28))
     c["W2/vmap"] = per_sample(mlp, mlp_params(784, 512, 10), (256, 784))
+    c["W1/compiled"], c["W2/compiled"] = c["W1/vmap"], c["W2/vmap"]
 
     def jac_inputs(din, dout):
         return rand((dout, din), 3), rand((dout,), 4), rand((din,), 5)
@@ -164,7 +165,7 @@ def cases():
             return loss(jax.tree_util.tree_map(lambda w, gw: w - 0.1 * gw, p, g), c_, d)
         meta = jit(grad(lambda p, a, b, c_, d: vmap(task, in_axes=(None, 0, 0, 0, 0))(p, a, b, c_, d).mean()))
         return lambda: meta(params, xs, ys, xq, yq)
-    c["W8/vmap_grad"] = w8
+    c["W8/vmap_grad"] = c["W8/compiled"] = w8
 
     def w9_grad():
         x, f = rand((), 6), jit(grad(jnp.sin))

@@ -24,7 +24,8 @@ PY = [sys.executable, os.path.join(ROOT, "bench", "workloads.py")]
 JAX = [sys.executable, os.path.join(ROOT, "bench", "jax_workloads.py")]
 # The plain baseline of each workload (a loop of autograd calls or of models).
 BASELINE = {"W1": "W1/loop", "W2": "W2/loop", "W3": "W3/loop", "W4": "W4/rows", "W5": "W5/loop",
-            "W6": "W6/rows", "W8": "W8/loop", "W9": "W9/autograd_sin"}
+            "W6": "W6/rows", "W8": "W8/loop", "W9": "W9/autograd_sin",
+            "AOT": "AOT/cos_cos/eager"}
 HEAVY = {"W1", "W2", "W7", "W10"}  # seconds per call: fewer repetitions
 
 

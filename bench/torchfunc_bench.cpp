@@ -367,6 +367,32 @@ std::vector<Case> all_cases() {
                    [=] { return maml_setup(true, false, true); }});
   cases.push_back({"W8/loop", "baseline: loop over tasks, autograd with create_graph", [=] { return maml_setup(false); }});
 
+  // AOT: functorch's aot_autograd tutorial case, cos(cos(a + b + c + d)), as 16
+  // blocks h = f(h, b, c, d) (so that what each block saves for the backward adds
+  // up, as in a deep model), forward and backward: eager autograd, aot_function
+  // (default partition) and min-cut.
+  for (std::string mode : {"eager", "aot", "min_cut"}) {
+    cases.push_back({"AOT/cos_cos/" + mode, "16 blocks of cos(cos(a+b+c+d)) [2M] forward + backward, " + mode, [=] {
+      std::vector<Tensor> xs;
+      for (int i = 0; i < 4; ++i) xs.push_back(torch::randn({1 << 21}, torch::requires_grad()));
+      auto fn = [](const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) { return (a + b + c + d).cos().cos(); };
+      auto chain = [xs](auto&& f) {
+        Tensor h = xs[0];
+        for (int k = 0; k < 16; ++k) h = f(h, xs[1], xs[2], xs[3]);
+        torch::autograd::grad({h.sum()}, xs);
+      };
+      if (mode == "eager") return Call([=] { chain(fn); });
+      auto f = func::aot_function(fn, func::AotOptions{mode == "min_cut" ? func::Partition::MinCut : func::Partition::Default, {}});
+      if (g_print_graph) {
+        chain(f);
+        for (const auto& g : f.graphs())
+          std::fprintf(stderr, "forward:\n%sbackward:\n%ssaved %lld bytes\n", g->forward.str().c_str(),
+                       g->backward.str().c_str(), static_cast<long long>(g->saved_bytes));
+      }
+      return Call([=] { chain(f); });
+    }});
+  }
+
   // W9: per-call overhead.
   auto sin = [](const Tensor& t) { return torch::sin(t); };
   cases.push_back({"W9/grad_sin", "grad(sin) on a 0-dim tensor", [=] {

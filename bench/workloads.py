@@ -113,6 +113,8 @@ def cases():
     c = {}
     c["W1/vmap"], c["W1/loop"] = per_sample(Cnn, (64, 1, 28, 28))
     c["W2/vmap"], c["W2/loop"] = per_sample(lambda: mlp(784, 512, 10), (256, 784))
+    # torchfunc's W*/compiled cases (torchfunc/compile.h) against torch.func's eager transforms.
+    c["W1/compiled"], c["W2/compiled"] = c["W1/vmap"], c["W2/vmap"]
 
     def w3_vmap():
         models = [mlp(784, 128, 10) for _ in range(10)]
@@ -230,6 +232,32 @@ def cases():
             return run
         return setup
     c["W8/vmap_grad"], c["W8/vmap_grad_mse"], c["W8/loop"] = w8(True), w8(True, mse=True), w8(False)
+    c["W8/compiled"] = c["W8/vmap_grad"]
+
+    # functorch's aot_autograd tutorial case: cos(cos(a + b + c + d)), 16 blocks h = f(h, b, c, d),
+    # forward and backward.
+    # Python side: eager autograd, and functorch.compile.aot_function with the nop compiler
+    # (default partition, or min-cut rematerialisation, which needs networkx).
+    def aot_cos(mode):
+        def setup():
+            xs = [torch.randn(1 << 21, requires_grad=True) for _ in range(4)]
+
+            def fn(a, b, c_, d):
+                return (a + b + c_ + d).cos().cos()
+            f = fn
+            if mode != "eager":
+                from functorch.compile import aot_function, nop, min_cut_rematerialization_partition, default_partition
+                part = min_cut_rematerialization_partition if mode == "min_cut" else default_partition
+                f = aot_function(fn, fw_compiler=nop, bw_compiler=nop, partition_fn=part)
+            def run():
+                h = xs[0]
+                for _ in range(16):
+                    h = f(h, xs[1], xs[2], xs[3])
+                torch.autograd.grad(h.sum(), xs)
+            return run
+        return setup
+    for mode in ("eager", "aot", "min_cut"):
+        c["AOT/cos_cos/" + mode] = aot_cos(mode)
 
     def w9_grad():
         x, f = torch.randn((), device=DEVICE), grad(torch.sin)

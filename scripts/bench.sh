@@ -11,5 +11,8 @@ TORCHFUNC_LIBTORCH=wheel bash scripts/setup.sh
 # W10's Python side. Pinned; torch 2.13 already satisfies its torch requirement.
 .venv/bin/python -c 'import opacus' 2>/dev/null ||
   .venv/bin/pip install -q --disable-pip-version-check opacus==1.6.0
+# AOT/cos_cos/min_cut's Python side: functorch's min-cut partitioner needs networkx.
+.venv/bin/python -c 'import networkx' 2>/dev/null ||
+  .venv/bin/pip install -q --disable-pip-version-check networkx
 TORCHFUNC_LIBTORCH=wheel bash scripts/build.sh >/dev/null
 .venv/bin/python bench/run.py "$@"
