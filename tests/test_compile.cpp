@@ -39,6 +39,33 @@ TEST_F(TF, CompileReplaysAPlainFunctionOnNewInputs) {
   Tensor x3 = torch::randn({7, 3});
   expect_close(cf(x3, w), f(x3, w));
   EXPECT_EQ(cf.num_signatures(), 2u);
+  // So are another dtype and other strides (a transposed argument).
+  Tensor xd = torch::randn({5, 3}, torch::kDouble), wd = torch::randn({3, 4}, torch::kDouble);
+  expect_close(cf(xd, wd), f(xd, wd), 1e-12);
+  Tensor wt = torch::randn({4, 3}).t();
+  expect_close(cf(x, wt), f(x, wt));
+  expect_close(cf(x, wt), f(x, wt));
+  EXPECT_EQ(cf.num_signatures(), 4u);
+}
+
+TEST_F(TF, CompiledW1AndW2PerSampleGradientsEqualEager) {
+  // The benchmark's W1 CNN and W2 MLP (bench/torchfunc_bench.cpp), at small batches.
+  nn::Sequential w1(nn::Conv2d(nn::Conv2dOptions(1, 32, 3)), nn::ReLU(), nn::Conv2d(nn::Conv2dOptions(32, 64, 3)),
+                    nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(), nn::Linear(9216, 128), nn::ReLU(), nn::Linear(128, 10));
+  nn::Sequential w2(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 512), nn::ReLU(), nn::Linear(512, 10));
+  for (auto* net : {&w1, &w2}) {
+    TensorDict params = func::named_parameters(*net);
+    auto loss = [net](const TensorDict& p, const Tensor& x, const Tensor& y) {
+      return torch::nll_loss(torch::log_softmax(func::functional_call(*net, p, x.unsqueeze(0)), 1), y.unsqueeze(0));
+    };
+    auto psg = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
+    auto compiled = func::compile(psg);
+    std::vector<int64_t> shape = net == &w1 ? std::vector<int64_t>{3, 1, 28, 28} : std::vector<int64_t>{6, 784};
+    Tensor x = torch::randn(shape), y = torch::randint(10, {shape[0]});
+    compiled(params, x, y);
+    Tensor x2 = torch::randn(shape), y2 = torch::randint(10, {shape[0]});
+    expect_dicts_close(compiled(params, x2, y2), psg(params, x2, y2));
+  }
 }
 
 TEST_F(TF, CompiledPerSampleGradientsEqualEagerAndALoop) {
