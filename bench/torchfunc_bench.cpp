@@ -91,7 +91,8 @@ Tensor nll(const Tensor& logits, const Tensor& y) { return torch::nll_loss(torch
 
 template <class M>
 std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> make, std::vector<int64_t> x_shape) {
-  auto setup_vmap = [=] {
+  // compiled: the same function captured once (torchfunc/compile.h) before timing.
+  auto setup = [=](bool compiled) {
     auto model = std::make_shared<M>(make());
     (*model)->to(g_device);
     auto x = torch::randn(x_shape, g_device), y = torch::randint(10, {x_shape[0]}, torch::TensorOptions(g_device).dtype(torch::kLong));
@@ -100,21 +101,14 @@ std::vector<Case> per_sample_cases(const std::string& id, std::function<M()> mak
       return nll(func::functional_call(*model, p, xi.unsqueeze(0)), yi.unsqueeze(0));
     };
     auto f = func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0));
-    return Call([=]() mutable { f(*params, x, y); });
+    if (!compiled) return Call([=]() mutable { f(*params, x, y); });
+    auto cf = func::compile(f);
+    cf(*params, x, y);  // capture
+    maybe_print_graph(cf);
+    return Call([=]() mutable { cf(*params, x, y); });
   };
-  auto setup_compiled = [=] {  // the same function, captured once (torchfunc/compile.h)
-    auto model = std::make_shared<M>(make());
-    (*model)->to(g_device);
-    auto x = torch::randn(x_shape, g_device), y = torch::randint(10, {x_shape[0]}, torch::TensorOptions(g_device).dtype(torch::kLong));
-    auto params = std::make_shared<TensorDict>(func::named_parameters(*model));
-    auto loss = [model](const TensorDict& p, const Tensor& xi, const Tensor& yi) {
-      return nll(func::functional_call(*model, p, xi.unsqueeze(0)), yi.unsqueeze(0));
-    };
-    auto f = func::compile(func::vmap(func::grad(loss), func::in_dims(func::none, 0, 0)));
-    f(*params, x, y);  // capture
-    maybe_print_graph(f);
-    return Call([=]() mutable { f(*params, x, y); });
-  };
+  auto setup_vmap = [=] { return setup(false); };
+  auto setup_compiled = [=] { return setup(true); };
   auto setup_loop = [=] {
     auto model = std::make_shared<M>(make());
     (*model)->to(g_device);

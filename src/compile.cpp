@@ -381,6 +381,18 @@ namespace {
 
 thread_local Capture* t_capture = nullptr;
 
+// While the observer itself works (its own ops are not the function's).
+class Busy {
+ public:
+  explicit Busy(Capture& c) : c_(c) { c_.busy = true; }
+  ~Busy() { c_.busy = false; }
+  Busy(const Busy&) = delete;
+  Busy& operator=(const Busy&) = delete;
+
+ private:
+  Capture& c_;
+};
+
 std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   Capture* c = t_capture;
   if (c == nullptr || c->busy || fn.scope() != at::RecordScope::FUNCTION) return nullptr;
@@ -403,11 +415,7 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   if (trace) std::cerr << "[capture]   ^ recorded\n";
   // RecordFunction swallows exceptions thrown by observers: every problem is
   // kept in c->refusal and raised when the function returns.
-  c->busy = true;
-  struct Idle {
-    bool& b;
-    ~Idle() { b = false; }
-  } idle{c->busy};
+  Busy busy(*c);
   try {
     size_t n = c->start(*op, inputs);
     ++c->depth;
@@ -422,11 +430,7 @@ void on_end(const at::RecordFunction& fn, at::ObserverContext* ctx) {
   Capture* c = t_capture;
   if (c == nullptr || ctx == nullptr) return;
   --c->depth;
-  c->busy = true;
-  struct Idle {
-    bool& b;
-    ~Idle() { b = false; }
-  } idle{c->busy};
+  Busy busy(*c);
   try {
     c->end(static_cast<Recorded*>(ctx)->node, fn.outputs());
   } catch (const std::exception& e) {
@@ -471,11 +475,7 @@ at::Tensor capture_new_input(const at::Tensor& like) {
   TORCH_INTERNAL_ASSERT(c != nullptr, "capture_new_input outside a capture");
   at::Tensor t;
   {
-    c->busy = true;  // not an op of the function
-    struct Idle {
-      bool& b;
-      ~Idle() { b = false; }
-    } idle{c->busy};
+    Busy busy(*c);  // not an op of the function
     t = at::ones_like(like, at::MemoryFormat::Contiguous);
   }
   c->g->inputs.push_back(c->new_value(t));
