@@ -110,6 +110,32 @@ TEST(DemoProgram, GhostAndVmapClippingFollowTheSameRun) {
   EXPECT_NE(bad.log.find("--clipping must be ghost or vmap"), std::string::npos) << bad.log;
 }
 
+// --ema: model.pt holds the moving average of the iterates with De et al.'s
+// warm-up (decay min(ema, (1 + t) / (10 + t)) at step t = 0, 1, ...), built
+// here from the iterates of runs without it (one step per epoch; the average
+// draws no random numbers, so the runs share their trajectory).
+TEST(DemoProgram, EmaAveragesTheIterates) {
+  const std::string one_step = kSmoke + "--seed 5 --train-limit 256 --batch-size 256 ";
+  DemoRun p1 = run_demo("p1", one_step + "--epochs 1 --ema 0");
+  DemoRun p2 = run_demo("p2", one_step + "--epochs 2 --ema 0");
+  DemoRun avg = run_demo("avg", one_step + "--epochs 2 --ema 0.15");
+  ASSERT_EQ(p1.status, 0) << p1.log;
+  ASSERT_EQ(p2.status, 0) << p2.log;
+  ASSERT_EQ(avg.status, 0) << avg.log;
+  EXPECT_NE(avg.log.find("weight average (EMA) decay 0.15"), std::string::npos) << avg.log;
+  const std::vector<Tensor> p0 = initial_params(5);
+  std::vector<Tensor> expected;
+  for (size_t k = 0; k < p0.size(); ++k) {
+    const double d0 = std::min(0.15, 1.0 / 10), d1 = std::min(0.15, 2.0 / 11);  // 0.1, then the cap
+    expected.push_back(d1 * (d0 * p0[k] + (1 - d0) * p1.params[k]) + (1 - d1) * p2.params[k]);
+  }
+  EXPECT_GT(max_diff(p2.params, p1.params), 1e-3);  // the steps moved the parameters
+  EXPECT_LT(max_diff(avg.params, expected), 1e-6);
+  const auto& last = avg.metrics["final"];
+  EXPECT_NEAR(last["test_accuracy_last_iterate"].get<double>(), p2.metrics["final"]["test_accuracy"].get<double>(), 1e-9);
+  EXPECT_EQ(avg.metrics["config"]["ema"].get<double>(), 0.15);
+}
+
 #ifdef TORCHFUNC_DPSGD_DISTRIBUTED
 // Every rank draws the same Poisson mask and noise (one seed), clips the part
 // of the batch in its shard, and the clipped sums are all-reduced: the update

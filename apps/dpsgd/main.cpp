@@ -52,6 +52,7 @@ struct Config {
   std::string out_dir = "dpsgd-out";
   std::string device = "auto";
   std::string activation = "tanh";
+  int64_t norm_groups = -1;  // GroupNorm after each convolution (0: none; default: preset)
   int epochs = 0;
   int64_t batch_size = 0;   // expected (Poisson) batch size
   double noise = -1;        // sigma, the noise multiplier
@@ -59,6 +60,7 @@ struct Config {
   double lr = 0;
   double momentum = -1;
   double delta = 1e-5;
+  double ema = -1;          // decay of an exponential moving average of the weights (0: off; default: preset)
   double target_epsilon = 0;  // if > 0: choose sigma so the run ends at this epsilon
   std::string accountant = "prv";  // what epsilon means: prv (Gopi et al. 2021) or rdp
   int64_t physical_batch = 0;  // per-sample gradients are computed in chunks of this size (0: the preset's)
@@ -88,13 +90,13 @@ struct Config {
 bool uses_scattering(const Config& c) { return c.preset == "scatternet" || c.preset == "scatternet-smoke"; }
 
 void apply_preset(Config& c) {
-  struct P { int epochs; int64_t batch; double noise, clip, lr, momentum; };
+  struct P { int epochs; int64_t batch; double noise, clip, lr, momentum, ema; };
   P p;
-  if (c.preset == "quick") p = {10, 2048, 2.15, 0.1, 4.0, 0.9};
-  else if (c.preset == "paper") p = {40, 2048, 2.15, 0.1, 4.0, 0.9};
-  else if (c.preset == "smoke") p = {1, 256, 1.0, 1.0, 0.5, 0.9};
-  else if (c.preset == "scatternet") p = {80, 8192, -1, 0.1, 16.0, 0.9};
-  else if (c.preset == "scatternet-smoke") p = {2, 1024, 1.0, 0.1, 4.0, 0.9};
+  if (c.preset == "quick") p = {10, 2048, 2.15, 0.1, 4.0, 0.9, 0};
+  else if (c.preset == "paper") p = {40, 2048, 2.15, 0.1, 4.0, 0.9, 0};
+  else if (c.preset == "smoke") p = {1, 256, 1.0, 1.0, 0.5, 0.9, 0};
+  else if (c.preset == "scatternet") p = {80, 8192, -1, 0.1, 16.0, 0.9, 0};
+  else if (c.preset == "scatternet-smoke") p = {2, 1024, 1.0, 0.1, 4.0, 0.9, 0};
   else throw std::invalid_argument("unknown --preset '" + c.preset + "' (quick, paper, scatternet, smoke, scatternet-smoke)");
   if (p.noise < 0 && c.noise < 0 && c.target_epsilon <= 0) c.target_epsilon = 3.0;
   // A smaller budget is better spent on fewer, less noisy steps (measured:
@@ -108,6 +110,8 @@ void apply_preset(Config& c) {
   if (c.clip == 0) c.clip = p.clip;
   if (c.lr == 0) c.lr = p.lr;
   if (c.momentum < 0) c.momentum = p.momentum;
+  if (c.ema < 0) c.ema = p.ema;
+  if (c.norm_groups < 0) c.norm_groups = 0;
   if ((c.preset == "smoke" || c.preset == "scatternet-smoke") && c.train_limit == 0) c.train_limit = 2048;
 }
 
@@ -280,16 +284,39 @@ int run(Config& c) {
     c.noise = use_prv ? dpsgd::noise_for_epsilon_prv(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta)
                       : dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta);
 
-  nn::Sequential model = scatter ? dpsgd::make_linear_model(train.x.sizes().slice(1), 10) : dpsgd::make_model(c.activation);
+  nn::Sequential model = scatter ? dpsgd::make_linear_model(train.x.sizes().slice(1), 10) : dpsgd::make_model(c.activation, c.norm_groups);
   model->to(device);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(c.lr).momentum(c.momentum));
   const func::TensorDict params = func::named_parameters(model);  // shares storage with the model
+  // --ema: accuracy is measured on (and model.pt holds) an exponential moving
+  // average of the iterates (De et al. 2022): post-processing of what DP-SGD
+  // releases, no privacy cost. Their warm-up: decay min(ema, (1 + t) / (10 + t)).
+  // clone() re-initialises the copy before copying the values: keep the
+  // generator's state, so --ema does not change the run's random numbers.
+  auto clone_model = [](nn::Sequential& m) {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    const Tensor state = gen.get_state();
+    nn::Sequential copy(std::dynamic_pointer_cast<nn::SequentialImpl>(m->clone()));
+    gen.set_state(state);
+    return copy;
+  };
+  nn::Sequential averaged = c.ema > 0 ? clone_model(model) : model;
+  int64_t averaged_steps = 0;
+  auto update_average = [&] {
+    if (c.ema <= 0) return;
+    const double d = std::min(c.ema, (1.0 + averaged_steps) / (10.0 + averaged_steps));
+    ++averaged_steps;
+    torch::NoGradGuard no_grad;
+    const auto avg = averaged->parameters(), cur = model->parameters();
+    for (size_t k = 0; k < avg.size(); ++k) avg[k].mul_(d).add_(cur[k], 1 - d);
+  };
   // Both accountants run; --accountant says which one "epsilon" reports.
   dpsgd::RdpAccountant rdp;
   dpsgd::PrvAccountant prv;
   auto spent = [&](bool with_prv) { return with_prv ? prv.epsilon(c.delta).upper : rdp.spent(c.delta).epsilon; };
 
-  const std::string what = scatter ? "ScatterNet + linear model" : c.activation + " CNN";
+  const std::string what = scatter ? "ScatterNet + linear model"
+                                   : c.activation + " CNN" + (c.norm_groups > 0 ? c10::str(" + GroupNorm(", c.norm_groups, ")") : "");
   if (lead) {
   std::printf("torchfunc-dpsgd: %s training of a %s on Fashion-MNIST (%lld train, %lld test images)\n",
               c.non_private ? "NON-PRIVATE" : "DP-SGD", what.c_str(), (long long)n, (long long)test.x.size(0));
@@ -304,6 +331,7 @@ int run(Config& c) {
   if (!c.non_private)
     std::printf(", clip C = %g (%s clipping), noise sigma = %.4g, delta = %g", c.clip, c.clipping.c_str(), c.noise,
                 c.delta);
+  if (c.ema > 0) std::printf(", weight average (EMA) decay %g", c.ema);
   if (world.size() > 1)
     std::printf("\n  %d ranks (%s:%d), each clipping its shard of about %lld examples; clipped sums all-reduced",
                 world.size(), c.world.master_addr.c_str(), c.world.master_port, (long long)train.x.size(0));
@@ -344,18 +372,20 @@ int run(Config& c) {
         seen += batch;
       }
       if (c.non_private) seen += idx.size(0);
+      update_average();
       if (lead) progress.update(step + 1, seen);
     }
     if (!lead) continue;
     double secs = std::chrono::duration<double>(Clock::now() - t_start).count();
-    double acc = test_accuracy(model, test);
+    double acc = test_accuracy(averaged, test), acc_last = c.ema > 0 ? test_accuracy(model, test) : acc;
     double eps = c.non_private ? INFINITY : spent(use_prv);
     double eps_other = c.non_private ? INFINITY : spent(!use_prv);
     double train_loss = loss_sum / std::max<int64_t>(seen, 1);
-    std::printf("epoch %2d  train loss %.4f  test accuracy %6.2f%%  epsilon %.3f (%s; %s %.3f)  (%.0f s)\n", epoch,
-                train_loss, acc, eps, use_prv ? "PRV" : "RDP", use_prv ? "RDP" : "PRV", eps_other, secs);
+    std::printf("epoch %2d  train loss %.4f  test accuracy %6.2f%%%s  epsilon %.3f (%s; %s %.3f)  (%.0f s)\n", epoch,
+                train_loss, acc, c.ema > 0 ? c10::str(" (EMA; last iterate ", acc_last, "%)").c_str() : "", eps,
+                use_prv ? "PRV" : "RDP", use_prv ? "RDP" : "PRV", eps_other, secs);
     std::fflush(stdout);
-    records.push_back({{"epoch", epoch}, {"train_loss", train_loss}, {"test_accuracy", acc},
+    records.push_back({{"epoch", epoch}, {"train_loss", train_loss}, {"test_accuracy", acc}, {"test_accuracy_last_iterate", acc_last},
                        {"epsilon", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(eps)},
                        {"epsilon_prv", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(use_prv ? eps : eps_other)},
                        {"epsilon_rdp", c.non_private ? nlohmann::json(nullptr) : nlohmann::json(use_prv ? eps_other : eps)},
@@ -369,9 +399,9 @@ int run(Config& c) {
   const double wall = std::chrono::duration<double>(Clock::now() - t_start).count() + feature_seconds;
   nlohmann::json out = {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
-                  {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"delta", c.delta}, {"seed", c.seed},
+                  {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"ema", c.ema}, {"delta", c.delta}, {"seed", c.seed},
                   {"accountant", c.accountant}, {"clipping", c.clipping}, {"ranks", world.size()},
-                  {"activation", c.activation}, {"non_private", c.non_private}, {"train_examples", n},
+                  {"activation", c.activation}, {"norm_groups", c.norm_groups}, {"non_private", c.non_private}, {"train_examples", n},
                   {"threads", torch::get_num_threads()}, {"model", what}, {"feature_seconds", feature_seconds}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
       {"final", records.back()},
@@ -386,7 +416,7 @@ int run(Config& c) {
   dpsgd::write_line_chart(png, "Fashion-MNIST test accuracy" + std::string(c.non_private ? " (non-private)" : " under DP-SGD"),
                           c.non_private ? "epoch" : "epsilon (delta = " + c10::str(c.delta) + ")",
                           "test accuracy (%)", {series});
-  torch::save(model, c.out_dir + "/model.pt");
+  torch::save(averaged, c.out_dir + "/model.pt");
   std::printf("final: test accuracy %.2f%%, epsilon %.3f (%s) at delta %g, wall time %.0f s\n",
               records.back()["test_accuracy"].get<double>(), c.non_private ? INFINITY : spent(use_prv),
               use_prv ? "PRV" : "RDP", c.delta, wall);
@@ -444,8 +474,13 @@ int main(int argc, char** argv) {
   app.add_option("--clip", c.clip, "per-sample clipping norm C (default: preset)");
   app.add_option("--lr", c.lr, "learning rate (default: preset)");
   app.add_option("--momentum", c.momentum, "SGD momentum (default: preset)");
+  app.add_option("--ema", c.ema,
+                 "evaluate (and save) an exponential moving average of the weights with this decay; 0: the last "
+                 "iterate (default: preset)");
   app.add_option("--delta", c.delta, "delta of (epsilon, delta)-DP")->capture_default_str();
   app.add_option("--activation", c.activation, "tanh or relu")->capture_default_str();
+  app.add_option("--norm-groups", c.norm_groups, "CNN: a GroupNorm of this many groups after each convolution "
+                 "(0: none; default: preset)");
   app.add_option("--clipping", c.clipping,
                  "ghost (per-layer norms from activations and output gradients, no per-sample gradient "
                  "materialised; torchfunc::dp) or vmap (vmap(grad) materialises them)")

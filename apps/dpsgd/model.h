@@ -9,7 +9,9 @@
 
 namespace dpsgd {
 
-inline torch::nn::Sequential make_model(const std::string& activation) {
+// norm_groups > 0: a GroupNorm of that many groups after each convolution
+// (before its activation), as the e2e preset's levers (De et al. 2022).
+inline torch::nn::Sequential make_model(const std::string& activation, int64_t norm_groups = 0) {
   namespace nn = torch::nn;
   auto act = [&]() -> nn::AnyModule {
     if (activation == "tanh") return nn::AnyModule(nn::Tanh());
@@ -17,10 +19,15 @@ inline torch::nn::Sequential make_model(const std::string& activation) {
     throw std::invalid_argument("unknown --activation '" + activation + "' (tanh, relu)");
   };
   nn::Sequential m;
+  auto norm = [&](int64_t channels) {
+    if (norm_groups > 0) m->push_back(nn::GroupNorm(nn::GroupNormOptions(norm_groups, channels)));
+  };
   m->push_back(nn::Conv2d(nn::Conv2dOptions(1, 16, 8).stride(2).padding(2)));  // 28 -> 13
+  norm(16);
   m->push_back(act());
   m->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(2).stride(1)));  // 13 -> 12
   m->push_back(nn::Conv2d(nn::Conv2dOptions(16, 32, 4).stride(2)));  // 12 -> 5
+  norm(32);
   m->push_back(act());
   m->push_back(nn::MaxPool2d(nn::MaxPool2dOptions(2).stride(1)));  // 5 -> 4
   m->push_back(nn::Flatten());
