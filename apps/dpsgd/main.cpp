@@ -52,7 +52,7 @@ struct Config {
   std::string out_dir = "dpsgd-out";
   std::string device = "auto";
   std::string activation = "tanh";
-  int64_t norm_groups = -1;  // GroupNorm after each convolution (0: none; default: preset)
+  int64_t norm_groups = 0;  // GroupNorm after each convolution (0: none; no preset sets it)
   int epochs = 0;
   int64_t batch_size = 0;   // expected (Poisson) batch size
   double noise = -1;        // sigma, the noise multiplier
@@ -111,7 +111,6 @@ void apply_preset(Config& c) {
   if (c.lr == 0) c.lr = p.lr;
   if (c.momentum < 0) c.momentum = p.momentum;
   if (c.ema < 0) c.ema = p.ema;
-  if (c.norm_groups < 0) c.norm_groups = 0;
   if ((c.preset == "smoke" || c.preset == "scatternet-smoke") && c.train_limit == 0) c.train_limit = 2048;
 }
 
@@ -480,7 +479,7 @@ int main(int argc, char** argv) {
   app.add_option("--delta", c.delta, "delta of (epsilon, delta)-DP")->capture_default_str();
   app.add_option("--activation", c.activation, "tanh or relu")->capture_default_str();
   app.add_option("--norm-groups", c.norm_groups, "CNN: a GroupNorm of this many groups after each convolution "
-                 "(0: none; default: preset)");
+                 "(0, the default: none)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--clipping", c.clipping,
                  "ghost (per-layer norms from activations and output gradients, no per-sample gradient "
                  "materialised; torchfunc::dp) or vmap (vmap(grad) materialises them)")
