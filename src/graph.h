@@ -1,5 +1,5 @@
-// src/graph.h: the captured graph's data (compile.cpp builds, optimises and
-// replays it; aot.cpp splits it into a forward and a backward graph).
+// src/graph.h: the captured graph's data (capture.cpp builds it, graph_passes.cpp
+// optimises it, compile.cpp replays it; aot.cpp splits it into a forward and a backward graph).
 #pragma once
 
 #include <torchfunc/compile.h>
@@ -66,6 +66,12 @@ struct GraphImpl {
   size_t boundary = 0;  // aot_function's joint graph: nodes before it ran in the forward pass
 };
 
+// empty(...) and its variants: values whose contents no op has written yet.
+inline bool is_empty_op(const std::string& name) {
+  return name == "aten::empty" || name == "aten::empty_like" || name == "aten::empty_strided" ||
+         name == "aten::new_empty" || name == "aten::new_empty_strided";
+}
+
 inline bool writes(const c10::Argument& a) { return a.alias_info() && a.alias_info()->isWrite(); }
 
 template <class Fn>
@@ -99,6 +105,9 @@ inline bool has_side_effects(const Node& n) {
   for_each_ret_value(n, [&](int) { any = true; });
   return !any;
 }
+
+/// Not a transform's tensor (BatchedTensor, TensorWrapper, FunctionalTensorWrapper).
+bool is_plain(const at::Tensor& t);
 
 /// One tensor return aliasing the first argument, nothing written.
 bool is_pure_view(const Node& n);
