@@ -37,6 +37,25 @@ Tensor outer_sum(const Tensor& a, const Tensor& g, const Tensor& c) {
   return gc.reshape({-1, g.size(2)}).t().matmul(a.reshape({-1, a.size(2)}));
 }
 
+// Augmentation multiplicity, K rows per example. [B, T, ...] -> [B / K, K T, ...]:
+// the rows of one example become its positions.
+Tensor regroup(const Tensor& t, int64_t K) {
+  if (K == 1) return t;
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape[0] /= K;
+  shape[1] *= K;
+  return t.reshape(shape);
+}
+
+// [B, ...] -> [B / K, ...], summed over each example's rows.
+Tensor group_sum(const Tensor& t, int64_t K) {
+  if (K == 1) return t;
+  std::vector<int64_t> shape = t.sizes().vec();
+  shape[0] /= K;
+  shape.insert(shape.begin() + 1, K);
+  return t.reshape(shape).sum(1);
+}
+
 Tensor per_sample(const Tensor& c, const Tensor& like) {
   std::vector<int64_t> shape(like.dim(), 1);
   shape[0] = -1;
@@ -44,13 +63,19 @@ Tensor per_sample(const Tensor& c, const Tensor& like) {
 }
 
 /// What one child contributes: its per-sample squared norms, then its
-/// clipped sums (written under the child's parameter names).
+/// clipped sums (written under the child's parameter names). a and g have
+/// one row per batch row; with group_ rows per example, the rules treat an
+/// example's rows as its positions (g already carries the 1 / group_).
 class Rule {
  public:
   virtual ~Rule() = default;
+  void set_group(int64_t k) { group_ = k; }
   virtual Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) = 0;
   virtual void clipped_sum(const Tensor& a, const Tensor& g, const Tensor& c, const std::string& prefix,
                            TensorDict& out) = 0;
+
+ protected:
+  int64_t group_ = 1;
 };
 
 class LinearRule : public Rule {
@@ -58,7 +83,7 @@ class LinearRule : public Rule {
   explicit LinearRule(nn::LinearImpl& m) : m_(m) {}
   Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) override {
     auto [a3, g3] = flat(a, g);
-    Tensor n = at::zeros({a.size(0)}, g.options());
+    Tensor n = at::zeros({a3.size(0)}, g.options());
     if (m_.weight.requires_grad()) n = n + outer_norm2(a3, g3, mode);
     if (m_.bias.defined() && m_.bias.requires_grad()) n = n + g3.sum(1).pow(2).sum(1);
     return n;
@@ -71,9 +96,9 @@ class LinearRule : public Rule {
   }
 
  private:
-  static std::pair<Tensor, Tensor> flat(const Tensor& a, const Tensor& g) {
+  std::pair<Tensor, Tensor> flat(const Tensor& a, const Tensor& g) const {
     const int64_t B = a.size(0);
-    return {a.reshape({B, -1, a.size(-1)}), g.reshape({B, -1, g.size(-1)})};
+    return {regroup(a.reshape({B, -1, a.size(-1)}), group_), regroup(g.reshape({B, -1, g.size(-1)}), group_)};
   }
   nn::LinearImpl& m_;
 };
@@ -98,10 +123,9 @@ class ConvRule : public Rule {
         one_d_(one_d) {}
   Tensor norm2(const Tensor& a, const Tensor& g, NormMode mode) override {
     Tensor a4 = one_d_ ? a.unsqueeze(2) : a, g4 = one_d_ ? g.unsqueeze(2) : g;
-    const int64_t B = a.size(0);
-    Tensor n = at::zeros({B}, g.options());
+    Tensor n = at::zeros({a.size(0) / group_}, g.options());
     if (weight_.requires_grad()) {
-      const int64_t T = g4.size(2) * g4.size(3), d = weight_[0].numel(), p = weight_.size(0) / groups_;
+      const int64_t T = group_ * g4.size(2) * g4.size(3), d = weight_[0].numel(), p = weight_.size(0) / groups_;
       // Auto: FastDP's flop rule (2 T^2 <= p d), and ghost only when the
       // unfolded patches it must build (T d per group and sample) are under a
       // quarter of the per-sample gradient (p d): unfolding is memory-bound,
@@ -110,15 +134,15 @@ class ConvRule : public Rule {
       // and 19 ms materialised).
       ghost_ = mode == NormMode::Ghost || (mode == NormMode::Auto && 2 * T * T <= p * d && p > 4 * T);
       if (ghost_) {
-        patches_ = unfold(a4);
-        Tensor gg = g4.flatten(2).transpose(1, 2);
+        patches_ = regroup(unfold(a4), group_);
+        Tensor gg = regroup(g4.flatten(2).transpose(1, 2), group_);
         for (int64_t k = 0; k < groups_; ++k) n = n + outer_norm2(group_in(patches_, k), group_out(gg, k), NormMode::Ghost);
       } else {
-        per_sample_ = per_sample_weight_grads(a4, g4);
+        per_sample_ = group_sum(per_sample_weight_grads(a4, g4), group_);
         n = n + per_sample_.pow(2).flatten(1).sum(1);
       }
     }
-    if (bias_.defined() && bias_.requires_grad()) n = n + g4.flatten(2).sum(2).pow(2).sum(1);
+    if (bias_.defined() && bias_.requires_grad()) n = n + group_sum(g4.flatten(2).sum(2), group_).pow(2).sum(1);
     return n;
   }
   void clipped_sum(const Tensor&, const Tensor& g, const Tensor& c, const std::string& prefix,
@@ -126,7 +150,7 @@ class ConvRule : public Rule {
     Tensor g4 = one_d_ ? g.unsqueeze(2) : g;
     if (weight_.requires_grad()) {
       if (ghost_) {
-        Tensor gg = g4.flatten(2).transpose(1, 2);
+        Tensor gg = regroup(g4.flatten(2).transpose(1, 2), group_);
         std::vector<Tensor> rows;
         for (int64_t k = 0; k < groups_; ++k) rows.push_back(outer_sum(group_in(patches_, k), group_out(gg, k), c));
         out.insert(prefix + "weight", at::cat(rows, 0).view(weight_.sizes()));
@@ -135,7 +159,8 @@ class ConvRule : public Rule {
       }
       patches_ = per_sample_ = Tensor();
     }
-    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", c.matmul(g4.flatten(2).sum(2)));
+    if (bias_.defined() && bias_.requires_grad())
+      out.insert(prefix + "bias", c.matmul(group_sum(g4.flatten(2).sum(2), group_)));
   }
 
  private:
@@ -200,7 +225,7 @@ class EmbeddingRule : public Rule {
       int64_t p = *pad < 0 ? *pad + m_.weight.size(0) : *pad;
       g3 = g3 * (idx != p).unsqueeze(2).to(g3.scalar_type());
     }
-    return {idx, g3};
+    return {regroup(idx, group_), regroup(g3, group_)};
   }
   nn::EmbeddingImpl& m_;
 };
@@ -211,8 +236,11 @@ class MaterializedRule : public Rule {
  public:
   Tensor norm2(const Tensor& a, const Tensor& g, NormMode) override {
     grads_ = per_sample_grads(a, g);
-    Tensor n = at::zeros({a.size(0)}, g.options());
-    for (const auto& e : grads_.items()) n = n + e.value().pow(2).flatten(1).sum(1);
+    Tensor n = at::zeros({a.size(0) / group_}, g.options());
+    for (auto& e : grads_) {
+      e.value() = group_sum(e.value(), group_);
+      n = n + e.value().pow(2).flatten(1).sum(1);
+    }
     return n;
   }
   void clipped_sum(const Tensor&, const Tensor&, const Tensor& c, const std::string& prefix,
@@ -343,12 +371,23 @@ Tensor clip_factors(const Tensor& norms, const ClipOptions& o) {
 
 }  // namespace
 
-ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& loss, const Tensor& x, const Tensor& y,
-                                  const ClipOptions& options) {
+namespace detail {
+void check_inputs(const Tensor& x, const Tensor& y, const ClipOptions& options) {
   TORCH_CHECK(options.max_norm() > 0, "torchfunc::dp::clipped_grad_sum: max_norm must be positive, got ",
               options.max_norm(), ".");
   TORCH_CHECK(x.dim() >= 1 && y.dim() >= 1 && x.size(0) == y.size(0), "torchfunc::dp::clipped_grad_sum: x and y must "
               "have the batch in dim 0 with the same size, got shapes ", x.sizes(), " and ", y.sizes(), ".");
+  const int64_t K = options.group_size();
+  TORCH_CHECK(K >= 1, "torchfunc::dp::clipped_grad_sum: group_size must be at least 1, got ", K, ".");
+  TORCH_CHECK(x.size(0) % K == 0, "torchfunc::dp::clipped_grad_sum: the batch of ", x.size(0),
+              " rows is not a whole number of groups of group_size ", K, " rows (one example's augmentations).");
+}
+}  // namespace detail
+
+ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& loss, const Tensor& x, const Tensor& y,
+                                  const ClipOptions& options) {
+  detail::check_inputs(x, y, options);
+  const int64_t K = options.group_size();
   struct Step {
     std::string prefix;
     std::unique_ptr<Rule> rule;
@@ -364,6 +403,7 @@ ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& lo
     for (const auto& p : any.ptr()->named_parameters())
       if (p.value().requires_grad()) params.insert(p.key(), p.value().detach());
     auto rule = rule_for(any, params);
+    if (rule) rule->set_group(K);
     Tensor in = h;
     h = any.forward(h);
     if (rule && h.requires_grad()) steps.push_back({prefix, std::move(rule), in.detach(), h});
@@ -374,10 +414,11 @@ ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& lo
   std::vector<Tensor> outs;
   for (const auto& s : steps) outs.push_back(s.output);
   std::vector<Tensor> gs;
-  if (!outs.empty()) gs = torch::autograd::grad({losses.sum()}, outs, {}, /*retain_graph=*/false,
-                                                /*create_graph=*/false, /*allow_unused=*/true);
+  // An example's gradient is the mean over its K rows: the 1 / K goes into g.
+  if (!outs.empty()) gs = torch::autograd::grad({K == 1 ? losses.sum() : losses.sum() / double(K)}, outs, {},
+                                                /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
   at::NoGradGuard no_grad;
-  Tensor norm2 = at::zeros({x.size(0)}, losses.options());
+  Tensor norm2 = at::zeros({x.size(0) / K}, losses.options());
   for (size_t k = 0; k < steps.size(); ++k) {
     if (!gs[k].defined()) gs[k] = at::zeros_like(steps[k].output);
     norm2 = norm2 + steps[k].rule->norm2(steps[k].input, gs[k], options.mode());
@@ -395,10 +436,12 @@ ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& lo
 
 namespace detail {
 ClippedGradients clip_materialized(TensorDict per_sample_grads, Tensor losses, const ClipOptions& options) {
-  TORCH_CHECK(options.max_norm() > 0, "torchfunc::dp::clipped_grad_sum: max_norm must be positive, got ",
-              options.max_norm(), ".");
-  Tensor norm2 = at::zeros({losses.size(0)}, losses.options());
-  for (const auto& e : per_sample_grads.items()) norm2 = norm2 + e.value().pow(2).flatten(1).sum(1);
+  const int64_t K = options.group_size();
+  Tensor norm2 = at::zeros({losses.size(0) / K}, losses.options());
+  for (auto& e : per_sample_grads) {
+    if (K > 1) e.value() = group_sum(e.value(), K).div_(double(K));  // an example's mean over its rows
+    norm2 = norm2 + e.value().pow(2).flatten(1).sum(1);
+  }
   ClippedGradients r;
   r.norms = norm2.sqrt();
   r.losses = losses;

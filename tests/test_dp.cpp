@@ -2,7 +2,8 @@
 // a loop of single-sample torch::autograd::grad calls (no transforms), on an
 // MLP, CNNs (stride, padding, dilation, groups; Conv1d), an embedding model,
 // a transformer layer, LayerNorm and GroupNorm models, in every norm mode, and through the vmap(grad)
-// path for a model that is not an nn::Sequential.
+// path for a model that is not an nn::Sequential; each also with augmentation
+// multiplicity (group_size: an example's gradient is the mean of its rows').
 #include "common.h"
 #include "../apps/dpsgd/model.h"  // the demo's CNN
 
@@ -61,21 +62,51 @@ void expect_matches(M& model, const dp::ClippedGradients& got, const Reference& 
   EXPECT_EQ(got.grad_sum.size(), k);
 }
 
-/// Checks every mode of the Sequential path, with a clip norm that clips
-/// some samples and not others, and the generic vmap(grad) path.
-void check_model(nn::Sequential model, const Tensor& x, const Tensor& y) {
-  const Reference ref = loop_reference(model, x, y);
-  const double clip = ref.norms.median().item<double>();
-  ASSERT_GT(ref.norms.max().item<double>(), clip);  // some are clipped
-  for (auto mode : {dp::NormMode::Auto, dp::NormMode::Ghost, dp::NormMode::Materialize}) {
-    SCOPED_TRACE("mode " + std::to_string(int(mode)));
-    auto got = dp::clipped_grad_sum(model, per_sample_ce, x, y, dp::ClipOptions().max_norm(clip).mode(mode));
-    expect_matches(model, got, ref, clip);
-    expect_close(got.losses, per_sample_ce(model->forward(x), y).detach(), 1e-5);
+/// Augmentation multiplicity: an example of K rows has the mean of their
+/// gradients (from the per-row loop), and its norm.
+Reference grouped(const Reference& rows, int64_t K) {
+  Reference r;
+  std::vector<double> norms;
+  for (size_t s = 0; s < rows.grads.size(); s += K) {
+    std::vector<Tensor> mean;
+    double n2 = 0;
+    for (size_t k = 0; k < rows.grads[s].size(); ++k) {
+      Tensor m = torch::zeros(rows.grads[s][k].sizes(), torch::kDouble);
+      for (int64_t j = 0; j < K; ++j) m += rows.grads[s + j][k].to(torch::kDouble);
+      mean.push_back(m / double(K));
+      n2 += mean.back().pow(2).sum().item<double>();
+    }
+    r.grads.push_back(mean);
+    norms.push_back(std::sqrt(n2));
   }
-  // The template overload on a shared_ptr<SequentialImpl>: vmap(grad) of the whole model.
-  auto impl = model.ptr();
-  expect_matches(model, dp::clipped_grad_sum(impl, per_sample_ce, x, y, dp::ClipOptions().max_norm(clip)), ref, clip);
+  r.norms = torch::tensor(norms, torch::kDouble);
+  return r;
+}
+
+/// Checks every mode of the Sequential path, with a clip norm that clips
+/// some samples and not others, and the generic vmap(grad) path; then the
+/// same with the rows taken as groups of K (one example's augmentations).
+void check_model(nn::Sequential model, const Tensor& x, const Tensor& y) {
+  const Reference rows = loop_reference(model, x, y);
+  const int64_t B = x.size(0), K = B % 2 == 0 ? 2 : 3;
+  ASSERT_EQ(B % K, 0);
+  ASSERT_GE(B / K, 3);
+  for (int64_t group : {int64_t(1), K}) {
+    SCOPED_TRACE("group_size " + std::to_string(group));
+    const Reference ref = group == 1 ? rows : grouped(rows, group);
+    const double clip = ref.norms.median().item<double>();
+    ASSERT_GT(ref.norms.max().item<double>(), clip);  // some are clipped
+    const auto options = dp::ClipOptions().max_norm(clip).group_size(group);
+    for (auto mode : {dp::NormMode::Auto, dp::NormMode::Ghost, dp::NormMode::Materialize}) {
+      SCOPED_TRACE("mode " + std::to_string(int(mode)));
+      auto got = dp::clipped_grad_sum(model, per_sample_ce, x, y, dp::ClipOptions(options).mode(mode));
+      expect_matches(model, got, ref, clip);
+      expect_close(got.losses, per_sample_ce(model->forward(x), y).detach(), 1e-5);
+    }
+    // The template overload on a shared_ptr<SequentialImpl>: vmap(grad) of the whole model.
+    auto impl = model.ptr();
+    expect_matches(model, dp::clipped_grad_sum(impl, per_sample_ce, x, y, options), ref, clip);
+  }
 }
 
 struct BatchFirstEncoderImpl : nn::Module {  // C++'s TransformerEncoderLayer is sequence-first
@@ -91,8 +122,8 @@ struct BatchFirstEncoderImpl : nn::Module {  // C++'s TransformerEncoderLayer is
 TORCH_MODULE(BatchFirstEncoder);
 
 TEST_F(TF, DpClippedSumMatchesLoopOnMlp) {
-  check_model(nn::Sequential(nn::Linear(20, 32), nn::Tanh(), nn::Linear(32, 10)), torch::randn({7, 20}),
-              torch::randint(10, {7}));
+  check_model(nn::Sequential(nn::Linear(20, 32), nn::Tanh(), nn::Linear(32, 10)), torch::randn({9, 20}),
+              torch::randint(10, {9}));
 }
 
 TEST_F(TF, DpClippedSumMatchesLoopOnCnns) {
@@ -107,7 +138,7 @@ TEST_F(TF, DpClippedSumMatchesLoopOnCnns) {
   nn::Sequential other(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(torch::kSame)), nn::ReLU(),
                        nn::Conv2d(nn::Conv2dOptions(3, 3, 3).padding(1).padding_mode(torch::kReflect)), nn::Flatten(),
                        nn::Linear(3 * 5 * 5, 3));
-  check_model(other, torch::randn({5, 2, 5, 5}), torch::randint(3, {5}));
+  check_model(other, torch::randn({6, 2, 5, 5}), torch::randint(3, {6}));
 }
 
 TEST_F(TF, DpClippedSumMatchesLoopOnEmbeddingsAndATransformer) {
@@ -118,7 +149,7 @@ TEST_F(TF, DpClippedSumMatchesLoopOnEmbeddingsAndATransformer) {
   check_model(emb, idx, torch::randint(3, {6}));
   nn::Sequential tr(nn::Linear(8, 16), BatchFirstEncoder(), nn::Functional([](const Tensor& t) { return t.mean(1); }),
                     nn::LayerNorm(nn::LayerNormOptions({16})), nn::Linear(16, 3));
-  check_model(tr, torch::randn({5, 4, 8}), torch::randint(3, {5}));
+  check_model(tr, torch::randn({6, 4, 8}), torch::randint(3, {6}));
 }
 
 TEST_F(TF, DpClippedSumMatchesLoopOnTheDemoCnn) {
@@ -132,7 +163,7 @@ TEST_F(TF, DpClippedSumMatchesLoopWithLayerNormAndGroupNorm) {
   // Over a sequence: LayerNorm over the last dim (positions summed) and over the last two.
   nn::Sequential seq(nn::Linear(6, 8), nn::LayerNorm(nn::LayerNormOptions({8})), nn::ReLU(),
                      nn::LayerNorm(nn::LayerNormOptions({4, 8}).eps(1e-3)), nn::Flatten(), nn::Linear(32, 3));
-  check_model(seq, torch::randn({5, 4, 6}), torch::randint(3, {5}));
+  check_model(seq, torch::randn({6, 4, 6}), torch::randint(3, {6}));
   nn::Sequential gn(nn::Conv2d(nn::Conv2dOptions(1, 4, 3)), nn::GroupNorm(nn::GroupNormOptions(2, 4)), nn::ReLU(),
                     nn::Flatten(), nn::Linear(4 * 4 * 4, 3));
   check_model(gn, torch::randn({6, 1, 6, 6}), torch::randint(3, {6}));
@@ -154,6 +185,13 @@ TEST_F(TF, DpFrozenParametersAndErrors) {
   EXPECT_ERROR(dp::clipped_grad_sum(mlp, per_sample_ce, x, y.narrow(0, 0, 3)), "same size");
   EXPECT_ERROR(dp::clipped_grad_sum(mlp, per_sample_ce, x, y, dp::ClipOptions().max_norm(0)),
                "max_norm must be positive");
+  EXPECT_ERROR(dp::clipped_grad_sum(mlp, per_sample_ce, x, y, dp::ClipOptions().group_size(3)),
+               "not a whole number of groups of group_size 3");
+  EXPECT_ERROR(dp::clipped_grad_sum(mlp, per_sample_ce, x, y, dp::ClipOptions().group_size(0)),
+               "group_size must be at least 1");
+  auto impl = mlp.ptr();  // the vmap(grad) overload checks before it computes
+  EXPECT_ERROR(dp::clipped_grad_sum(impl, per_sample_ce, x, y, dp::ClipOptions().group_size(3)),
+               "not a whole number of groups");
 }
 
 }  // namespace

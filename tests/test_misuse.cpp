@@ -290,6 +290,11 @@ std::vector<Misuse> catalogue() {
       nn::Sequential mlp(nn::Linear(3, 2));
       func::dp::clipped_grad_sum(mlp, ce, dx, dy, func::dp::ClipOptions().max_norm(0));
     });
+    row("dp::clipped_grad_sum", "a batch that is not whole groups of group_size rows",
+        "is not a whole number of groups of group_size 3", [=] {
+          nn::Sequential mlp(nn::Linear(3, 2));
+          func::dp::clipped_grad_sum(mlp, ce, dx, dy, func::dp::ClipOptions().group_size(3));
+        });
   }
 
   // ---- linear_transpose

@@ -40,12 +40,17 @@ struct ClipOptions {
   TORCH_ARG(NormMode, mode) = NormMode::Auto;
   /// c_i = min(1, C / (norm_i + eps)), as Opacus.
   TORCH_ARG(double, eps) = 1e-6;
+  /// Augmentation multiplicity (De et al. 2022): every K consecutive rows of
+  /// the batch are K views of one example, whose gradient is the mean of
+  /// theirs, clipped once. The batch size must be a multiple of K; norms are
+  /// then one per example ([B / K]), losses stay one per row ([B]).
+  TORCH_ARG(int64_t, group_size) = 1;
 };
 
 struct ClippedGradients {
   TensorDict grad_sum;  // sum_i c_i grad_i, keyed like named_parameters(model)
-  at::Tensor norms;     // [B] per-sample gradient norms, before clipping
-  at::Tensor losses;    // [B] per-sample losses
+  at::Tensor norms;     // [B / group_size] per-sample gradient norms, before clipping
+  at::Tensor losses;    // [B] per-row losses
 };
 
 /// loss(output, target) -> [B] per-sample losses (reduction none): the
@@ -62,6 +67,7 @@ ClippedGradients clipped_grad_sum(torch::nn::Sequential& model, const PerSampleL
                                   const at::Tensor& y, const ClipOptions& options = {});
 
 namespace detail {
+void check_inputs(const at::Tensor& x, const at::Tensor& y, const ClipOptions& options);
 ClippedGradients clip_materialized(TensorDict per_sample_grads, at::Tensor losses, const ClipOptions& options);
 }  // namespace detail
 
@@ -71,6 +77,7 @@ ClippedGradients clip_materialized(TensorDict per_sample_grads, at::Tensor losse
 template <class M>
 ClippedGradients clipped_grad_sum(M& model, const PerSampleLoss& loss, const at::Tensor& x, const at::Tensor& y,
                                   const ClipOptions& options = {}) {
+  detail::check_inputs(x, y, options);
   TensorDict params;
   for (const auto& p : torchfunc::detail::module_ref(model).named_parameters())
     if (p.value().requires_grad()) params.insert(p.key(), p.value().detach());
