@@ -5,6 +5,7 @@
 // path for a model that is not an nn::Sequential; each also with augmentation
 // multiplicity (group_size: an example's gradient is the mean of its rows').
 #include "common.h"
+#include "../apps/dpsgd/augment.h"  // the demo's augmentation multiplicity views
 #include "../apps/dpsgd/model.h"  // the demo's CNN
 
 namespace nn = torch::nn;
@@ -171,6 +172,44 @@ TEST_F(TF, DpClippedSumMatchesLoopWithLayerNormAndGroupNorm) {
   nn::Sequential gn1(nn::Conv1d(nn::Conv1dOptions(2, 4, 3)), nn::GroupNorm(nn::GroupNormOptions(4, 4)), nn::Tanh(),
                      nn::Flatten(), nn::Linear(4 * 5, 2));
   check_model(gn1, torch::randn({6, 2, 7}), torch::randint(2, {6}));
+}
+
+// The demo's views: K consecutive rows per image, each equal to the image
+// shifted by (dy, dx) in [-s, s]^2 with edges replicated, mirrored or not;
+// checked against crops built here pixel by pixel.
+TEST_F(TF, DpsgdAugmentViewsAreShiftsAndFlipsOfTheImage) {
+  at::Generator gen = at::detail::createCPUGenerator(3);
+  Tensor x = torch::randn({5, 1, 6, 7});
+  expect_close(dpsgd::augment(x, 3, 0, false, gen), x.repeat_interleave(3, 0), 0);
+  const int64_t K = 8, s = 2, H = 6, W = 7;
+  Tensor v = dpsgd::augment(x, K, s, true, gen);
+  ASSERT_EQ(v.sizes(), (std::vector<int64_t>{5 * K, 1, H, W}));
+  auto crop = [&](const Tensor& img, int64_t dy, int64_t dx, bool mirror) {  // img [H, W]
+    Tensor out = torch::empty({H, W});
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < W; ++j) {
+        int64_t r = std::clamp<int64_t>(i + dy, 0, H - 1), c = (mirror ? W - 1 - j : j) + dx;
+        out[i][j] = img[r][std::clamp<int64_t>(c, 0, W - 1)];
+      }
+    return out;
+  };
+  int mirrored = 0, shifted = 0;
+  for (int64_t row = 0; row < 5 * K; ++row) {
+    const Tensor img = x[row / K][0], view = v[row][0];
+    bool found = false;
+    for (int64_t dy = -s; dy <= s && !found; ++dy)
+      for (int64_t dx = -s; dx <= s && !found; ++dx)
+        for (bool mirror : {false, true}) {
+          if (found || !crop(img, dy, dx, mirror).equal(view)) continue;
+          found = true;
+          mirrored += mirror;
+          shifted += dy != 0 || dx != 0;
+        }
+    EXPECT_TRUE(found) << "row " << row;
+  }
+  EXPECT_GT(mirrored, 5);  // both kinds occur (40 views, each mirrored with probability 1/2)
+  EXPECT_LT(mirrored, 35);
+  EXPECT_GT(shifted, 30);
 }
 
 TEST_F(TF, DpFrozenParametersAndErrors) {

@@ -136,6 +136,25 @@ TEST(DemoProgram, EmaAveragesTheIterates) {
   EXPECT_EQ(avg.metrics["config"]["ema"].get<double>(), 0.15);
 }
 
+// Augmentation multiplicity with views that are all the image itself (no
+// shift, no flip): every example's mean gradient is its gradient, so the run
+// is the plain run (its views draw from their own generator: same masks and noise).
+TEST(DemoProgram, AugmentationsOfIdenticalViewsGiveThePlainRun) {
+  const std::string args = kSmoke + "--seed 4 --train-limit 512 --batch-size 128 --epochs 1 ";
+  DemoRun plain = run_demo("plain", args);
+  DemoRun same = run_demo("same", args + "--augmentations 3 --aug-shift 0 --no-aug-flip");
+  DemoRun aug = run_demo("aug", args + "--augmentations 3");
+  ASSERT_EQ(plain.status, 0) << plain.log;
+  ASSERT_EQ(same.status, 0) << same.log;
+  ASSERT_EQ(aug.status, 0) << aug.log;
+  EXPECT_GT(max_diff(plain.params, initial_params(4)), 1e-3);
+  EXPECT_LT(max_diff(same.params, plain.params), 1e-5);
+  EXPECT_NEAR(same.metrics["final"]["train_loss"].get<double>(), plain.metrics["final"]["train_loss"].get<double>(), 1e-5);
+  EXPECT_GT(max_diff(aug.params, plain.params), 1e-4);  // real views change the gradients
+  EXPECT_EQ(aug.metrics["config"]["augmentations"].get<int64_t>(), 3);
+  EXPECT_EQ(aug.metrics["final"]["epsilon"].get<double>(), plain.metrics["final"]["epsilon"].get<double>());
+}
+
 #ifdef TORCHFUNC_DPSGD_DISTRIBUTED
 // Every rank draws the same Poisson mask and noise (one seed), clips the part
 // of the batch in its shard, and the clipped sums are all-reduced: the update

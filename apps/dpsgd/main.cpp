@@ -16,6 +16,7 @@
 // Poisson-subsampled Gaussian mechanism, report epsilon at --delta after every
 // epoch.
 #include <torch/torch.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torchfunc/torchfunc.h>
 
 #include <CLI/CLI.hpp>
@@ -31,6 +32,7 @@
 #include <fstream>
 #include <thread>
 
+#include "augment.h"
 #include "distributed.h"
 #include "idx_reader.h"
 #include "model.h"
@@ -53,6 +55,9 @@ struct Config {
   std::string device = "auto";
   std::string activation = "tanh";
   int64_t norm_groups = 0;  // GroupNorm after each convolution (0: none; no preset sets it)
+  int64_t augmentations = 1;  // K views of every sampled example, gradients averaged before clipping
+  int64_t aug_shift = 2;      // each view: a random shift of up to this many pixels ...
+  bool aug_flip = true;       // ... and a random horizontal flip
   int epochs = 0;
   int64_t batch_size = 0;   // expected (Poisson) batch size
   double noise = -1;        // sigma, the noise multiplier
@@ -189,21 +194,28 @@ Tensor per_sample_nll(const Tensor& logits, const Tensor& y) {
 // batch; the clipped sums (and the loss) are summed over the ranks before
 // the noise, which every rank draws alike (one seed, one sequence of draws).
 double dp_step(nn::Sequential& model, const func::TensorDict& params, torch::optim::SGD& opt, const Data& train,
-               const Tensor& idx, const Config& c, dpsgd::World& world) {
-  const auto clip = func::dp::ClipOptions().max_norm(c.clip);
+               const Tensor& idx, const Config& c, dpsgd::World& world, at::Generator& aug_gen) {
+  // With K views per example, dp::clipped_grad_sum averages each example's K
+  // gradients before clipping (augmentation multiplicity, De et al. 2022).
+  const int64_t K = c.augmentations;
+  const auto clip = func::dp::ClipOptions().max_norm(c.clip).group_size(K);
   std::vector<Tensor> sums;
   for (const auto& p : params) sums.push_back(torch::zeros_like(p.value()));
   double loss_sum = 0;
   for (int64_t s = 0; s < idx.size(0); s += c.physical_batch) {
     Tensor chunk = idx.slice(0, s, s + c.physical_batch);
     Tensor x = train.x.index_select(0, chunk), y = train.y.index_select(0, chunk);
+    if (K > 1) {
+      x = dpsgd::augment(x, K, c.aug_shift, c.aug_flip, aug_gen);
+      y = y.repeat_interleave(K, 0);
+    }
     // ghost: per-layer norms from activations and output gradients, no
     // per-sample gradient of a Linear/Conv2d materialised (nn::Sequential
     // overload); vmap: vmap(grad(loss over functional_call)) materialises
     // them all, then clips (the overload for any other model).
     auto r = c.clipping == "ghost" ? func::dp::clipped_grad_sum(model, per_sample_nll, x, y, clip)
                                    : func::dp::clipped_grad_sum(model.ptr(), per_sample_nll, x, y, clip);
-    loss_sum += r.losses.sum().item<double>();
+    loss_sum += r.losses.sum().item<double>() / double(K);
     size_t k = 0;
     for (const auto& p : params) sums[k++] += r.grad_sum[p.key()];
   }
@@ -241,6 +253,9 @@ int run(Config& c) {
   apply_preset(c);
   if (c.world.world_size > 1 && c.non_private)
     throw std::invalid_argument("--nproc / --world-size > 1 runs DP-SGD only (not --non-private)");
+  if (c.augmentations > 1 && (c.non_private || uses_scattering(c)))
+    throw std::invalid_argument("--augmentations applies to DP-SGD on pixels (not --non-private, not the ScatterNet "
+                                "presets, whose features are computed once)");
   if (c.threads <= 0)  // the cores shared among this machine's ranks
     c.threads = int(std::max(1u, std::thread::hardware_concurrency() / unsigned(std::max(1, c.world.world_size))));
   torch::set_num_threads(c.threads);
@@ -267,6 +282,7 @@ int run(Config& c) {
   const int64_t n = train.x.size(0);
   dpsgd::World world(c.world);  // with several ranks: the process group, after the rendezvous
   const bool lead = world.rank() == 0;  // prints, evaluates, writes files
+  at::Generator aug_gen = at::detail::createCPUGenerator(c.seed * 7919 + 104729 + world.rank());
   // This rank's shard: examples rank, rank + size, ... (all of them with one rank).
   Tensor shard;
   if (world.size() > 1) {
@@ -365,7 +381,7 @@ int run(Config& c) {
           if (c.debug_stall) std::this_thread::sleep_for(std::chrono::hours(1));
           std::_Exit(3);
         }
-        if (batch > 0) loss_sum += dp_step(model, params, opt, train, idx, c, world);
+        if (batch > 0) loss_sum += dp_step(model, params, opt, train, idx, c, world, aug_gen);
         rdp.step(q, c.noise);
         prv.step(q, c.noise);
         seen += batch;
@@ -400,7 +416,7 @@ int run(Config& c) {
       {"config", {{"preset", c.preset}, {"epochs", c.epochs}, {"batch_size", c.batch_size}, {"noise_multiplier", c.noise},
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"ema", c.ema}, {"delta", c.delta}, {"seed", c.seed},
                   {"accountant", c.accountant}, {"clipping", c.clipping}, {"ranks", world.size()},
-                  {"activation", c.activation}, {"norm_groups", c.norm_groups}, {"non_private", c.non_private}, {"train_examples", n},
+                  {"activation", c.activation}, {"norm_groups", c.norm_groups}, {"augmentations", c.augmentations}, {"aug_shift", c.aug_shift}, {"aug_flip", c.aug_flip}, {"non_private", c.non_private}, {"train_examples", n},
                   {"threads", torch::get_num_threads()}, {"model", what}, {"feature_seconds", feature_seconds}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
       {"final", records.back()},
@@ -480,6 +496,12 @@ int main(int argc, char** argv) {
   app.add_option("--activation", c.activation, "tanh or relu")->capture_default_str();
   app.add_option("--norm-groups", c.norm_groups, "CNN: a GroupNorm of this many groups after each convolution "
                  "(0, the default: none)")->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_option("--augmentations", c.augmentations, "augmentation multiplicity K: every sampled example's gradient "
+                 "is the mean over K random views (--aug-shift, --aug-flip), clipped once; K times the compute, "
+                 "same privacy (1: none)")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--aug-shift", c.aug_shift, "each view: a random shift of up to this many pixels")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
+  app.add_flag("--aug-flip,!--no-aug-flip", c.aug_flip, "each view: a random left-right flip")->capture_default_str();
   app.add_option("--clipping", c.clipping,
                  "ghost (per-layer norms from activations and output gradients, no per-sample gradient "
                  "materialised; torchfunc::dp) or vmap (vmap(grad) materialises them)")
