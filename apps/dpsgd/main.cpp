@@ -320,13 +320,13 @@ int run(Config& c) {
   };
   nn::Sequential averaged = c.ema > 0 ? clone_model(model) : model;
   int64_t averaged_steps = 0;
+  const auto avg_params = averaged->parameters(), cur_params = model->parameters();
   auto update_average = [&] {
     if (c.ema <= 0) return;
     const double d = std::min(c.ema, (1.0 + averaged_steps) / (10.0 + averaged_steps));
     ++averaged_steps;
     torch::NoGradGuard no_grad;
-    const auto avg = averaged->parameters(), cur = model->parameters();
-    for (size_t k = 0; k < avg.size(); ++k) avg[k].mul_(d).add_(cur[k], 1 - d);
+    for (size_t k = 0; k < avg_params.size(); ++k) avg_params[k].mul_(d).add_(cur_params[k], 1 - d);
   };
   // Both accountants run; --accountant says which one "epsilon" reports.
   dpsgd::RdpAccountant rdp;
