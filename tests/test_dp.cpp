@@ -7,6 +7,9 @@
 #include "common.h"
 #include "../apps/dpsgd/augment.h"  // the demo's augmentation multiplicity views
 #include "../apps/dpsgd/model.h"  // the demo's CNN
+#include "../src/noise_kernel.h"  // dp::detail::philox_block, to check against ATen's Philox
+
+#include <ATen/core/PhiloxRNGEngine.h>
 
 namespace nn = torch::nn;
 namespace F = torch::nn::functional;
@@ -234,3 +237,161 @@ TEST_F(TF, DpFrozenParametersAndErrors) {
 }
 
 }  // namespace
+
+// ---- dp::NoiseGenerator: Philox words against ATen's own Philox engine, the
+// numbers against Box-Muller in double with libm on those words, the
+// distribution against N(0, 1), and the same bits on any thread count.
+namespace {
+
+// Number k of the stream by the documented layout (src/noise_kernel.h), from
+// at::philox_engine's words and std::log / std::cos / std::sin in double.
+std::vector<double> reference_normals(uint64_t seed, int64_t n, bool dbl) {
+  const int64_t C = 64, per = dbl ? 2 * C : 4 * C;
+  std::vector<double> z(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t block = k / per, j = (k % per) / C, i = k % C;
+    at::philox_engine e(seed, 0, uint64_t(block * C + i));
+    uint32_t w[4];
+    for (auto& x : w) x = e();
+    double u, turn;  // u in (0, 1]; the angle in turns
+    if (dbl) {
+      u = (double((uint64_t(w[0]) << 21) | (w[1] >> 11)) + 1) / 9007199254740992.0;  // 2^53
+      turn = double((uint64_t(w[2]) << 21) | (w[3] >> 11)) / 9007199254740992.0;
+    } else {
+      const uint32_t a = w[j < 2 ? 0 : 2], b = w[j < 2 ? 1 : 3];
+      u = double(float(int32_t(a >> 2) + 1)) / 1073741824.0;  // float(...): the kernel's f is a float
+      turn = double((b >> 30) * 16777216u + ((b >> 6) & 0xFFFFFFu)) / 67108864.0;
+    }
+    const double r = std::sqrt(-2 * std::log(u)), angle = 2 * M_PI * turn;
+    z[size_t(k)] = (j % 2 == 0) ? r * std::cos(angle) : r * std::sin(angle);
+  }
+  return z;
+}
+
+double normal_cdf(double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); }
+
+// Kolmogorov-Smirnov distance to N(0, 1), moments, tails and correlations of
+// neighbours: in the stream, and within a Box-Muller pair (64 apart).
+void expect_standard_normal(const Tensor& z, const std::string& what) {
+  SCOPED_TRACE(what);
+  Tensor d = z.to(torch::kDouble).flatten();
+  const int64_t n = d.numel();
+  const double se = 1 / std::sqrt(double(n));
+  EXPECT_LT(std::abs(d.mean().item<double>()), 5 * se);
+  EXPECT_LT(std::abs(d.pow(2).mean().item<double>() - 1), 5 * std::sqrt(2.0) * se);
+  EXPECT_LT(std::abs(d.pow(4).mean().item<double>() - 3), 5 * std::sqrt(96.0) * se);
+  std::vector<double> s(d.data_ptr<double>(), d.data_ptr<double>() + n);
+  std::sort(s.begin(), s.end());
+  double ks = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const double F = normal_cdf(s[size_t(k)]);
+    ks = std::max({ks, std::abs(F - double(k) / double(n)), std::abs(F - double(k + 1) / double(n))});
+  }
+  EXPECT_LT(ks, 1.95 * se) << "KS distance (critical value at 0.001: " << 1.95 * se << ")";
+  for (double t : {2.0, 3.0, 4.0}) {
+    const double p = 2 * normal_cdf(-t), got = (d.abs() > t).to(torch::kDouble).mean().item<double>();
+    EXPECT_LT(std::abs(got - p), 5 * std::sqrt(p * (1 - p) / double(n)) + 1e-12) << "tail beyond " << t;
+  }
+  auto corr = [&](const Tensor& a, const Tensor& b) {
+    return ((a - a.mean()) * (b - b.mean())).mean().item<double>() / (a.std().item<double>() * b.std().item<double>());
+  };
+  EXPECT_LT(std::abs(corr(d.narrow(0, 0, n - 1), d.narrow(0, 1, n - 1))), 5 * se) << "lag 1";
+  Tensor blocks = d.narrow(0, 0, n / 128 * 128).view({-1, 2, 64});  // both floats' and doubles' pairs lie 64 apart
+  Tensor z0 = blocks.select(1, 0).flatten(), z1 = blocks.select(1, 1).flatten();
+  const double pse = 1 / std::sqrt(double(z0.numel()));
+  EXPECT_LT(std::abs(corr(z0, z1)), 5 * pse) << "Box-Muller pair";
+  EXPECT_LT(std::abs(corr(z0.pow(2), z1.pow(2))), 5 * pse) << "Box-Muller pair, squares";
+}
+
+}  // namespace
+
+TEST_F(TF, DpNoisePhiloxWordsAreAtenPhiloxEngines) {
+  for (uint64_t seed : {uint64_t(0), uint64_t(1), uint64_t(0x123456789abcdef0ULL), ~uint64_t(0)})
+    for (uint64_t block : {uint64_t(0), uint64_t(1), uint64_t(3) << 30, ~uint64_t(0) / 64}) {  // counters past 2^32 and 2^64 - 64
+      uint32_t words[4][64];
+      dp::detail::philox_block(seed, block, words);
+      for (int i = 0; i < 64; ++i) {
+        at::philox_engine e(seed, 0, block * 64 + uint64_t(i));
+        for (int w = 0; w < 4; ++w) ASSERT_EQ(words[w][i], e()) << "seed " << seed << " block " << block << " counter " << i << " word " << w;
+      }
+    }
+}
+
+TEST_F(TF, DpNoiseNumbersAreBoxMullerOfThoseWords) {
+  for (bool dbl : {false, true}) {
+    const int64_t n = 3 * 256 + 77;  // whole blocks and a partial one
+    dp::NoiseGenerator g(20261203);
+    Tensor z = g.randn({n}, dbl ? torch::kDouble : torch::kFloat).to(torch::kDouble);
+    const auto ref = reference_normals(20261203, n, dbl);
+    double worst = 0;
+    for (int64_t k = 0; k < n; ++k) worst = std::max(worst, std::abs(z[k].item<double>() - ref[size_t(k)]));
+    EXPECT_LT(worst, dbl ? 1e-13 : 2e-6) << (dbl ? "double" : "float");
+  }
+}
+
+TEST_F(TF, DpNoiseIsStandardNormal) {
+  expect_standard_normal(dp::NoiseGenerator(7).randn({1 << 22}), "float32, seed 7");
+  expect_standard_normal(dp::NoiseGenerator(~uint64_t(0) - 5).randn({1 << 22}), "float32, seed 2^64 - 6");
+  expect_standard_normal(dp::NoiseGenerator(8).randn({1 << 21}, torch::kDouble), "float64");
+  // Successive calls and two seeds are independent streams.
+  dp::NoiseGenerator g(9);
+  Tensor a = g.randn({1 << 20}), b = g.randn({1 << 20}), c = dp::NoiseGenerator(10).randn({1 << 20});
+  EXPECT_LT(std::abs((a * b).mean().item<double>()), 5.0 / 1024);
+  EXPECT_LT(std::abs((a * c).mean().item<double>()), 5.0 / 1024);
+}
+
+TEST_F(TF, DpNoiseIsTheSameOnAnyThreadCountAndResumesFromItsOffset) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  Tensor one = dp::NoiseGenerator(5).randn({1 << 20});
+  at::set_num_threads(2);
+  Tensor two = dp::NoiseGenerator(5).randn({1 << 20});
+  at::set_num_threads(threads);
+  EXPECT_TRUE(torch::equal(one, two));
+  dp::NoiseGenerator g(5);
+  Tensor first = g.randn({1000});
+  EXPECT_EQ(g.offset(), 4u * 64);  // 1000 float32 numbers: 4 blocks of 256
+  EXPECT_TRUE(torch::equal(first, one.narrow(0, 0, 1000)));
+  const uint64_t at = g.offset();
+  Tensor next = g.randn({300}, torch::kDouble);
+  EXPECT_TRUE(torch::equal(next, dp::NoiseGenerator(5, at).randn({300}, torch::kDouble)));
+  EXPECT_EQ(g.offset(), at + 3 * 64);  // 300 float64 numbers: 3 blocks of 128
+}
+
+TEST_F(TF, DpNoiseAddsInPlaceOnAnyLayoutDtypeAndDevice) {
+  Tensor t0 = torch::randn({37, 29});
+  Tensor z = dp::NoiseGenerator(3).randn({37, 29});
+  Tensor t = t0.clone();
+  const auto version = t._version();
+  dp::NoiseGenerator(3).add_noise_(t, 0.3, 0.5);
+  EXPECT_GT(t._version(), version);
+  EXPECT_TRUE(torch::allclose(t, (t0 + 0.3 * z) * 0.5, 1e-6, 1e-6));
+  // A transposed view gets the numbers in its own (logical) order, as its contiguous copy.
+  Tensor tt = t0.t().contiguous().t();  // [37, 29], not contiguous
+  ASSERT_FALSE(tt.is_contiguous());
+  dp::NoiseGenerator(3).add_noise_(tt, 0.3, 0.5);
+  EXPECT_TRUE(torch::equal(tt, t));
+  // bfloat16 takes float32 numbers; a parameter takes noise under NoGradGuard.
+  Tensor h = t0.to(torch::kBFloat16);
+  dp::NoiseGenerator(3).add_noise_(h, 0.3, 0.5);
+  EXPECT_TRUE(torch::allclose(h.to(torch::kFloat), t, 2e-2, 2e-2));
+  Tensor p = t0.clone().requires_grad_();
+  {
+    torch::NoGradGuard no_grad;
+    dp::NoiseGenerator(3).add_noise_(p, 0.3, 0.5);
+  }
+  EXPECT_TRUE(torch::equal(p.detach(), t));
+  // Empty tensors take nothing and use no counters; std 0 only scales.
+  dp::NoiseGenerator g(3);
+  Tensor e = torch::zeros({0});
+  g.add_noise_(e, 1.0);
+  EXPECT_EQ(g.offset(), 0u);
+  Tensor s = t0.clone();
+  g.add_noise_(s, 0.0, 2.0);
+  EXPECT_TRUE(torch::equal(s, t0 * 2));
+  if (torch::cuda::is_available()) {
+    Tensor c = t0.cuda();
+    dp::NoiseGenerator(3).add_noise_(c, 0.3, 0.5);
+    EXPECT_TRUE(torch::allclose(c.cpu(), t, 1e-6, 1e-6));
+  }
+}

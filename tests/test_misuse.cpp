@@ -295,6 +295,21 @@ std::vector<Misuse> catalogue() {
           nn::Sequential mlp(nn::Linear(3, 2));
           func::dp::clipped_grad_sum(mlp, ce, dx, dy, func::dp::ClipOptions().group_size(3));
         });
+    row("dp::NoiseGenerator", "noise for an integer tensor", "needs a floating-point tensor, got Long",
+        [=] { func::dp::NoiseGenerator(1).add_noise_(dy.clone(), 1.0); });
+    row("dp::NoiseGenerator", "a negative std", "std must be finite and non-negative, got -1",
+        [=] { func::dp::NoiseGenerator(1).add_noise_(dx.clone(), -1.0); });
+    row("dp::NoiseGenerator", "noise for a parameter autograd records", "the tensor requires grad and grad mode is on",
+        [=] { func::dp::NoiseGenerator(1).add_noise_(torch::zeros({3}, torch::requires_grad()), 1.0); });
+    row("dp::NoiseGenerator", "noise inside vmap", "add the noise outside vmap / grad / functionalize", [=] {
+      func::vmap([](const Tensor& t) {
+        Tensor u = t.clone();
+        func::dp::NoiseGenerator(1).add_noise_(u, 1.0);
+        return u;
+      })(dx);
+    });
+    row("dp::NoiseGenerator", "an offset that no generator returned", "offset must be a multiple of 64 counters",
+        [] { func::dp::NoiseGenerator(1, 10); });
   }
 
   // ---- linear_transpose

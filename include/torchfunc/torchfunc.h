@@ -21,6 +21,7 @@
 #include <torchfunc/linear_transpose.h>
 #include <torchfunc/functionalize.h>
 #include <torchfunc/dp.h>
+#include <torchfunc/noise.h>
 #include <torchfunc/custom_function.h>
 #include <torchfunc/checkpoint.h>
 #include <torchfunc/compile.h>
