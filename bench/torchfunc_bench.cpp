@@ -160,6 +160,7 @@ std::vector<Case> dp_cases() {
           auto opt = std::make_shared<torch::optim::SGD>((*model)->parameters(),
                                                          torch::optim::SGDOptions(0.05).momentum(0.9));
           Tensor x = torch::randn(shape), y = torch::randint(10, {batch});
+          auto noise = std::make_shared<func::dp::NoiseGenerator>(0);
           return Call([=] {
             if (mode == "plain") {
               opt->zero_grad();
@@ -178,7 +179,8 @@ std::vector<Case> dp_cases() {
                 if (sums.contains(g.key())) sums[g.key()] += g.value();
                 else sums.insert(g.key(), g.value());
             }
-            for (auto& g : sums) g.value().add_(torch::randn_like(g.value()), 1.0).div_(double(batch));
+            // sigma C = 1 here; the noise is drawn and added in one pass on all threads.
+            for (auto& g : sums) noise->add_noise_(g.value(), 1.0, 1.0 / double(batch));
             func::set_grads(*model, sums);
             opt->step();
           });

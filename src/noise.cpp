@@ -2,7 +2,7 @@
 // split of the stream over intra-op threads, dtypes and devices. The
 // arithmetic is src/noise_kernel.cpp.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
 #include <c10/core/GradMode.h>
 #include <torchfunc/noise.h>
 
@@ -17,15 +17,31 @@ namespace dp {
 namespace {
 
 constexpr const char* kAdd = "torchfunc::dp::NoiseGenerator::add_noise_";
-constexpr int64_t kBlocksPerTask = 64;  // 16k float32 numbers: one task per thread for large tensors
+constexpr int64_t kGrain = 16384;  // numbers per task: a 668k-parameter model's noise splits over every thread
 
+// t: contiguous. The threads: ATen's own parallel_for, run through a
+// TensorIterator (at::parallel_for from our translation unit would run
+// serially: libtorch's OpenMP loop is inline in its headers and needs
+// -fopenmp, which would bring a second OpenMP runtime next to the wheel's).
 template <class T>
-void add_cpu(uint64_t seed, uint64_t first_block, T* data, int64_t n, double sd, double scale) {
-  constexpr int64_t per = detail::numbers_per_block<T>();
-  at::parallel_for(0, (n + per - 1) / per, kBlocksPerTask, [&](int64_t b0, int64_t b1) {
-    const int64_t start = b0 * per, end = std::min(n, b1 * per);
-    detail::add_normal(seed, first_block + uint64_t(b0), data + start, end - start, T(sd), T(scale));
-  });
+void add_cpu(uint64_t seed, uint64_t first_block, const at::Tensor& t, double sd, double scale) {
+  at::Tensor flat = t.view(-1);
+  const T* base = flat.data_ptr<T>();
+  at::TensorIterator iter = at::TensorIteratorConfig()
+                                .add_output(flat)
+                                .resize_outputs(false)
+                                .check_all_same_dtype(false)
+                                .set_check_mem_overlap(false)
+                                .build();
+  iter.for_each(
+      [&](char** data, const int64_t* strides, int64_t n, int64_t rows) {
+        TORCH_INTERNAL_ASSERT(strides[0] == int64_t(sizeof(T)), "a contiguous 1-d output");
+        for (int64_t r = 0; r < rows; ++r) {
+          T* out = reinterpret_cast<T*>(data[0] + r * strides[1]);
+          detail::add_normal(seed, first_block, out - base, out, n, T(sd), T(scale));
+        }
+      },
+      kGrain);
 }
 
 }  // namespace
@@ -52,8 +68,8 @@ void NoiseGenerator::add_noise_(const at::Tensor& t, double std, double scale) {
   offset_ += uint64_t((n + per - 1) / per) * detail::kCounters;
   if (n == 0) return;
   if (t.is_cpu() && t.scalar_type() == drawn && t.is_contiguous()) {
-    if (drawn == at::kFloat) add_cpu(seed_, first_block, t.data_ptr<float>(), n, std, scale);
-    else add_cpu(seed_, first_block, t.data_ptr<double>(), n, std, scale);
+    if (drawn == at::kFloat) add_cpu<float>(seed_, first_block, t, std, scale);
+    else add_cpu<double>(seed_, first_block, t, std, scale);
     t.unsafeGetTensorImpl()->bump_version();  // written through the data pointer
     return;
   }
@@ -61,8 +77,8 @@ void NoiseGenerator::add_noise_(const at::Tensor& t, double std, double scale) {
   // contiguous CPU tensor, then one add and multiply on t's device.
   at::NoGradGuard no_grad;
   at::Tensor z = at::zeros(t.sizes(), at::TensorOptions().dtype(drawn));
-  if (drawn == at::kFloat) add_cpu(seed_, first_block, z.data_ptr<float>(), n, std, 1.0);
-  else add_cpu(seed_, first_block, z.data_ptr<double>(), n, std, 1.0);
+  if (drawn == at::kFloat) add_cpu<float>(seed_, first_block, z, std, 1.0);
+  else add_cpu<double>(seed_, first_block, z, std, 1.0);
   t.add_(z.to(t.device(), t.scalar_type())).mul_(scale);
 }
 

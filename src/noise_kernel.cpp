@@ -7,6 +7,7 @@
 // other machine) give the same bits.
 #include "noise_kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -171,16 +172,21 @@ TORCHFUNC_INLINE void block(uint64_t seed, uint64_t b, double* out, double sd, d
 }
 
 template <class T>
-TORCHFUNC_INLINE void add_normal_impl(uint64_t seed, uint64_t first_block, T* out, int64_t n, T sd, T scale) {
+TORCHFUNC_INLINE void add_normal_impl(uint64_t seed, uint64_t first_block, int64_t start, T* out, int64_t n, T sd,
+                                      T scale) {
   constexpr int64_t per = numbers_per_block<T>();
-  uint64_t b = first_block;
+  uint64_t b = first_block + uint64_t(start / per);
   int64_t k = 0;
-  for (; k + per <= n; k += per) block(seed, b++, out + k, sd, scale);
-  if (k < n) {  // the last, partial block: the same numbers, drawn into a scratch block
+  // A block cut by either end of the range: the same numbers, drawn into a scratch block.
+  auto partial = [&](int64_t from, int64_t count) {
     alignas(64) T z[per] = {};
-    block(seed, b, z, T(1), T(1));
-    for (int64_t j = 0; k + j < n; ++j) out[k + j] = (out[k + j] + sd * z[j]) * scale;
-  }
+    block(seed, b++, z, T(1), T(1));
+    for (int64_t j = 0; j < count; ++j) out[k + j] = (out[k + j] + sd * z[from + j]) * scale;
+    k += count;
+  };
+  if (start % per != 0) partial(start % per, std::min(per - start % per, n));
+  for (; k + per <= n; k += per) block(seed, b++, out + k, sd, scale);
+  if (k < n) partial(0, n - k);
 }
 
 }  // namespace
@@ -190,13 +196,14 @@ void philox_block(uint64_t seed, uint64_t block, uint32_t (*words)[kCounters]) {
 }
 
 TORCHFUNC_VECTOR_CLONES
-void add_normal(uint64_t seed, uint64_t first_block, float* out, int64_t n, float sd, float scale) {
-  add_normal_impl(seed, first_block, out, n, sd, scale);
+void add_normal(uint64_t seed, uint64_t first_block, int64_t start, float* out, int64_t n, float sd, float scale) {
+  add_normal_impl(seed, first_block, start, out, n, sd, scale);
 }
 
 TORCHFUNC_VECTOR_CLONES
-void add_normal(uint64_t seed, uint64_t first_block, double* out, int64_t n, double sd, double scale) {
-  add_normal_impl(seed, first_block, out, n, sd, scale);
+void add_normal(uint64_t seed, uint64_t first_block, int64_t start, double* out, int64_t n, double sd,
+                double scale) {
+  add_normal_impl(seed, first_block, start, out, n, sd, scale);
 }
 
 }  // namespace detail

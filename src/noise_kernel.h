@@ -33,10 +33,12 @@ constexpr int64_t numbers_per_block() {
 /// The Philox4x32-10 words of counters b * kCounters + i: words[w][i].
 void philox_block(uint64_t seed, uint64_t block, uint32_t (*words)[kCounters]);
 
-/// For n numbers of the stream from block `first_block` on:
-/// out[k] = (out[k] + sd * z_k) * scale. n need not fill the last block.
-void add_normal(uint64_t seed, uint64_t first_block, float* out, int64_t n, float sd, float scale);
-void add_normal(uint64_t seed, uint64_t first_block, double* out, int64_t n, double sd, double scale);
+/// With z_k number k of the stream counted from block first_block on:
+/// out[j] = (out[j] + sd * z_{start + j}) * scale for j < n. Any start and n
+/// (the blocks cut at either end are drawn whole into a scratch block), so
+/// threads may split a tensor anywhere and still get the same numbers.
+void add_normal(uint64_t seed, uint64_t first_block, int64_t start, float* out, int64_t n, float sd, float scale);
+void add_normal(uint64_t seed, uint64_t first_block, int64_t start, double* out, int64_t n, double sd, double scale);
 
 }  // namespace detail
 }  // namespace dp

@@ -341,13 +341,15 @@ TEST_F(TF, DpNoiseIsStandardNormal) {
 }
 
 TEST_F(TF, DpNoiseIsTheSameOnAnyThreadCountAndResumesFromItsOffset) {
+  // (1 << 20) + 1000 numbers: two threads split them inside a block.
   const int threads = at::get_num_threads();
   at::set_num_threads(1);
-  Tensor one = dp::NoiseGenerator(5).randn({1 << 20});
+  Tensor one = dp::NoiseGenerator(5).randn({(1 << 20) + 1000}), one_d = dp::NoiseGenerator(5).randn({300001}, torch::kDouble);
   at::set_num_threads(2);
-  Tensor two = dp::NoiseGenerator(5).randn({1 << 20});
+  Tensor two = dp::NoiseGenerator(5).randn({(1 << 20) + 1000}), two_d = dp::NoiseGenerator(5).randn({300001}, torch::kDouble);
   at::set_num_threads(threads);
   EXPECT_TRUE(torch::equal(one, two));
+  EXPECT_TRUE(torch::equal(one_d, two_d));
   dp::NoiseGenerator g(5);
   Tensor first = g.randn({1000});
   EXPECT_EQ(g.offset(), 4u * 64);  // 1000 float32 numbers: 4 blocks of 256
