@@ -64,11 +64,11 @@ TORCHFUNC_INLINE To bits_as(From f) {
 
 // (cs, sn) turned by q quarter turns, without branches: odd q swaps the two,
 // then the signs follow q (0: +c +s, 1: -s +c, 2: -c -s, 3: +s -c).
-template <class T, class I>
+template <class T, class I>  // I: the unsigned integer of T's width
 TORCHFUNC_INLINE void quarter_turns(uint32_t q, T cs, T sn, T& c, T& s) {
   constexpr int sign = int(8 * sizeof(I)) - 1;
   const I ci = bits_as<I>(cs), si = bits_as<I>(sn);
-  const I swap = -I(q & 1), keep = ~swap;
+  const I swap = I(0) - I(q & 1), keep = ~swap;
   I cq = (ci & keep) | (si & swap), sq = (si & keep) | (ci & swap);
   cq ^= I((q ^ (q >> 1)) & 1) << sign;
   sq ^= I(q >> 1) << sign;
@@ -101,7 +101,7 @@ TORCHFUNC_INLINE void box_muller(const uint32_t* __restrict a, const uint32_t* _
     const float cs = 1.0f + x2 * (-0.5f + x2 * (1.0f / 24 + x2 * (-1.0f / 720 + x2 * (1.0f / 40320 +
                                                                     x2 * (-1.0f / 3628800 + x2 * (1.0f / 479001600))))));
     float c, sv;
-    quarter_turns<float, int32_t>(b[i] >> 30, cs, sn, c, sv);
+    quarter_turns<float, uint32_t>(b[i] >> 30, cs, sn, c, sv);
     z0[i] = (z0[i] + sd * (r * c)) * scale;
     z1[i] = (z1[i] + sd * (r * sv)) * scale;
   }
@@ -152,7 +152,7 @@ TORCHFUNC_INLINE void box_muller(const uint32_t* __restrict a0, const uint32_t* 
     }
     sn *= x;
     double c, sv;
-    quarter_turns<double, int64_t>(b0[i] >> 30, cs, sn, c, sv);
+    quarter_turns<double, uint64_t>(b0[i] >> 30, cs, sn, c, sv);
     z0[i] = (z0[i] + sd * (r * c)) * scale;
     z1[i] = (z1[i] + sd * (r * sv)) * scale;
   }
