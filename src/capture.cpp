@@ -351,7 +351,9 @@ struct Capture {
         } else if (schema.returns()[j].alias_info() && !schema.returns()[j].alias_info()->isWrite()) {
           // A view: unwritten if its base is.
           for (const Arg& a : n.args) {
-            if (a.kind == Arg::Kind::Value && unwritten(a.value) != kNone) empty_base[id] = unwritten(a.value);
+            if (a.kind != Arg::Kind::Value) continue;
+            const int base = unwritten(a.value);
+            if (base != kNone) empty_base[id] = base;
           }
         }
         r.ids.push_back(id);

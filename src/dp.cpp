@@ -153,32 +153,36 @@ class ConvRule : public Rule {
       ghost_ = mode == NormMode::Ghost || (mode == NormMode::Auto && 2 * T * T <= p * d && p > 4 * T);
       if (ghost_) {
         patches_ = regroup(unfold(a4), group_);
-        Tensor gg = regroup(g4.flatten(2).transpose(1, 2), group_);
-        for (int64_t k = 0; k < groups_; ++k) n = n + outer_norm2(group_in(patches_, k), group_out(gg, k), NormMode::Ghost);
+        out_grads_ = regroup(g4.flatten(2).transpose(1, 2), group_);
+        for (int64_t k = 0; k < groups_; ++k)
+          n = n + outer_norm2(group_in(patches_, k), group_out(out_grads_, k), NormMode::Ghost);
       } else {
         per_sample_ = group_sum(per_sample_weight_grads(a4, g4), group_);
         n = n + squared_norms(per_sample_);
       }
     }
-    if (bias_.defined() && bias_.requires_grad()) n = n + squared_norms(group_sum(g4.flatten(2).sum(2), group_));
+    if (bias_.defined() && bias_.requires_grad()) {
+      bias_sums_ = group_sum(g4.flatten(2).sum(2), group_);
+      n = n + squared_norms(bias_sums_);
+    }
     return n;
   }
-  void clipped_sum(const Tensor&, const Tensor& g, const Tensor& c, const std::string& prefix,
+  // Uses what norm2 kept of the same call (patches and output gradients, or
+  // the per-sample gradients; the bias's per-example sums), then drops it.
+  void clipped_sum(const Tensor&, const Tensor&, const Tensor& c, const std::string& prefix,
                    TensorDict& out) override {
-    Tensor g4 = one_d_ ? g.unsqueeze(2) : g;
     if (weight_.requires_grad()) {
       if (ghost_) {
-        Tensor gg = regroup(g4.flatten(2).transpose(1, 2), group_);
         std::vector<Tensor> rows;
-        for (int64_t k = 0; k < groups_; ++k) rows.push_back(outer_sum(group_in(patches_, k), group_out(gg, k), c));
+        for (int64_t k = 0; k < groups_; ++k)
+          rows.push_back(outer_sum(group_in(patches_, k), group_out(out_grads_, k), c));
         out.insert(prefix + "weight", at::cat(rows, 0).view(weight_.sizes()));
       } else {
         out.insert(prefix + "weight", c.matmul(per_sample_.flatten(1)).view(weight_.sizes()));
       }
-      patches_ = per_sample_ = Tensor();
     }
-    if (bias_.defined() && bias_.requires_grad())
-      out.insert(prefix + "bias", c.matmul(group_sum(g4.flatten(2).sum(2), group_)));
+    if (bias_.defined() && bias_.requires_grad()) out.insert(prefix + "bias", c.matmul(bias_sums_));
+    patches_ = out_grads_ = per_sample_ = bias_sums_ = Tensor();
   }
 
  private:
@@ -214,7 +218,7 @@ class ConvRule : public Rule {
   int64_t groups_;
   bool one_d_;
   bool ghost_ = false;
-  Tensor patches_, per_sample_;  // from norm2, for clipped_sum
+  Tensor patches_, out_grads_, per_sample_, bias_sums_;  // from norm2, for clipped_sum
 };
 
 /// Embedding: the gradient of row v is the sum of g_t over the positions

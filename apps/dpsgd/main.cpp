@@ -128,6 +128,11 @@ struct Data {
   Tensor x, y;  // [n, 1, 28, 28] float, normalized; [n] int64
 };
 
+// The augmentations' own stream: per rank (each rank augments its own
+// shard) and apart from the main generator, whose Poisson masks and noise
+// every rank must draw alike. Any fixed map that differs from the main seed works.
+uint64_t augmentation_seed(uint64_t seed, int64_t rank) { return seed * 7919 + 104729 + uint64_t(rank); }
+
 Data to_tensors(const dpsgd::ImageSet& set, int64_t limit, torch::Device device, bool standardize = true) {
   int64_t n = set.images.count;
   if (limit > 0) n = std::min(n, limit);
@@ -285,7 +290,7 @@ int run(Config& c) {
   const int64_t n = train.x.size(0);
   dpsgd::World world(c.world);  // with several ranks: the process group, after the rendezvous
   const bool lead = world.rank() == 0;  // prints, evaluates, writes files
-  at::Generator aug_gen = at::detail::createCPUGenerator(c.seed * 7919 + 104729 + world.rank());
+  at::Generator aug_gen = at::detail::createCPUGenerator(augmentation_seed(c.seed, world.rank()));
   // This rank's shard: examples rank, rank + size, ... (all of them with one rank).
   Tensor shard;
   if (world.size() > 1) {
