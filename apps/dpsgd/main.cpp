@@ -103,7 +103,9 @@ void apply_preset(Config& c) {
   else if (c.preset == "paper") p = {40, 2048, 2.15, 0.1, 4.0, 0.9, 0};
   else if (c.preset == "e2e") p = {40, 2048, -1, 0.1, 4.0, 0.9, 0.999};
   else if (c.preset == "smoke") p = {1, 256, 1.0, 1.0, 0.5, 0.9, 0};
-  else if (c.preset == "scatternet") p = {80, 8192, -1, 0.1, 16.0, 0.9, 0};
+  // Momentum 0.8 (not 0.9): half the effective step lr / (1 - momentum);
+  // measured over 5 seeds, +0.2 points at epsilon 3, +0.3 at epsilon 1 (README).
+  else if (c.preset == "scatternet") p = {80, 8192, -1, 0.1, 16.0, 0.8, 0};
   else if (c.preset == "scatternet-smoke") p = {2, 1024, 1.0, 0.1, 4.0, 0.9, 0};
   else throw std::invalid_argument("unknown --preset '" + c.preset + "' (quick, paper, e2e, scatternet, smoke, scatternet-smoke)");
   if (p.noise < 0 && c.noise < 0 && c.target_epsilon <= 0) c.target_epsilon = 3.0;
@@ -485,7 +487,7 @@ int main(int argc, char** argv) {
                  "paper (the same for 40 epochs: Papernot et al., eps <= 3), "
                  "e2e (paper's CNN and steps, sigma for --target-epsilon (default 3), EMA 0.999), "
                  "scatternet (ScatterNet J=2 L=8 features, GroupNorm 27, linear model: batch 8192, C 0.1, lr 16, "
-                 "momentum 0.9, sigma for --target-epsilon (default 3), epochs 5 + 25 epsilon up to 80), "
+                 "momentum 0.8, sigma for --target-epsilon (default 3), epochs 5 + 25 epsilon up to 80), "
                  "smoke, scatternet-smoke (tests)");
   app.add_option("--data-dir", c.data_dir, "directory with the Fashion-MNIST IDX files")->capture_default_str();
   app.add_option("--out-dir", c.out_dir, "where metrics, chart and checkpoint go")->capture_default_str();
