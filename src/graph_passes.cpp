@@ -202,13 +202,30 @@ namespace {
 
 // A chain of views (view(transpose(t(w)))) is one as_strided of its root: the
 // layouts are fixed by the signature, so the result's sizes, strides and
-// offset are known. The views in between then die (dead code).
+// offset are known. The views in between then die (dead code). A view with
+// its root's very layout is the root itself (vmap's batching rules make many:
+// W8's meta-step had 106 views among 232 ops) and is forwarded, unless some
+// op writes the storage (an in-place op on one of them may change its
+// metadata: t_, squeeze_) or the view is a result of the graph (the caller
+// gets a tensor of its own, as eagerly).
+// _unsafe_view is a view without the schema saying so; the captured storage
+// identity shows it.
 void collapse_views(GraphImpl& g) {
   static const auto as_strided = c10::Dispatcher::singleton().findSchemaOrThrow("aten::as_strided", "");
+  const WrittenStorages written(g);
+  std::vector<char> is_output(g.num_values, 0);
+  for (int id : g.outputs) {
+    if (id != kNone) is_output[id] = 1;
+  }
+  Renamer rename(g.num_values);
   std::vector<int> root(g.num_values);
   std::iota(root.begin(), root.end(), 0);
   for (Node& n : g.nodes) {
-    if (!is_pure_view(n)) continue;
+    rename.apply_to_args(n);
+    const bool view = is_pure_view(n) || (n.op.schema().operator_name().name == "aten::_unsafe_view" &&
+                                          n.rets.size() == 1 && n.rets[0].ids.size() == 1 && !n.args.empty() &&
+                                          n.args[0].kind == Arg::Kind::Value);
+    if (!view) continue;
     const int in = n.args[0].value, out = n.rets[0].ids[0];
     if (out == kNone) continue;
     const int r = root[in];
@@ -216,6 +233,11 @@ void collapse_views(GraphImpl& g) {
     const auto& mr = g.meta[r];
     if (mo.storage == kNone || mo.storage != mr.storage || mo.dtype != mr.dtype || mo.device != mr.device) continue;
     root[out] = r;
+    if (mo.sizes == mr.sizes && mo.strides == mr.strides && mo.offset == mr.offset && written.clean(out) &&
+        !is_output[out]) {
+      rename.replace(out, r);  // the node is dead now
+      continue;
+    }
     if (n.op.schema().operator_name().name == "aten::as_strided" && n.args[0].value == r) continue;
     Node v(as_strided);
     Arg base;

@@ -204,6 +204,40 @@ TEST_F(TF, CompileEliminatesDeadCodeAndCommonSubexpressions) {
   expect_close(oh.run({x2})[0], h(x2));
 }
 
+TEST_F(TF, CompileForwardsViewsWithTheirBasesLayout) {
+  // view(sizes) of a contiguous tensor and a transpose of a transpose have
+  // the base's layout: the reads use the base, no as_strided is replayed.
+  auto f = [](const Tensor& x) {
+    Tensor same = x.view(x.sizes());
+    Tensor back = x.t().t();
+    return same.sin() + back.cos() + x.t().exp().t();  // two real views (x.t() and exp's .t())
+  };
+  Tensor x = torch::randn({3, 5});
+  auto raw = func::make_graph(f, x);
+  auto opt = raw.optimized({});
+  EXPECT_EQ(opt.count("aten::as_strided") + opt.count("aten::view") + opt.count("aten::t"), 2u) << opt.str();
+  EXPECT_EQ(raw.count("aten::t"), 4u);  // as captured
+  Tensor x2 = torch::randn({3, 5});
+  expect_close(opt.run({x2})[0], f(x2));
+  // Kept: a same-layout view that is a result (the caller gets its own tensor),
+  // and one whose storage is written in place (metadata could change).
+  auto g = [](const Tensor& x) { return x.view(x.sizes()); };
+  auto og = func::make_graph(g, x).optimized({});
+  EXPECT_EQ(og.num_nodes(), 1u) << og.str();
+  Tensor r = og.run({x2})[0];
+  EXPECT_NE(r.unsafeGetTensorImpl(), x2.unsafeGetTensorImpl());
+  EXPECT_TRUE(r.is_alias_of(x2));
+  auto h = [](const Tensor& x) {
+    Tensor y = x.clone();
+    Tensor v = y.view(y.sizes());
+    v.mul_(2);
+    return y.sin() + v;
+  };
+  auto oh = func::make_graph(h, x).optimized({});
+  EXPECT_GE(oh.count("aten::as_strided") + oh.count("aten::view"), 1u) << oh.str();
+  expect_close(oh.run({x2})[0], h(x2));
+}
+
 TEST_F(TF, CompileKeepsMutationsViewsAndConstantsMeaningful) {
   // An in-place update of an argument happens at every replay.
   auto inc = func::compile([](const Tensor& x) {

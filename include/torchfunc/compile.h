@@ -64,7 +64,8 @@ struct CompileOptions {
   bool eliminate_common_subexpressions = true;  // the same op on the same values, computed once
   bool free_after_last_use = true;           // each value released after its last reader
   size_t max_signatures = 8;                 // graphs kept per compiled function; one more is an error
-  bool simplify_views = true;                // a chain of views becomes one as_strided of its base
+  bool simplify_views = true;                // a chain of views becomes one as_strided of its base, or the
+                                             // base itself where the layouts agree
   bool forward_identities = true;            // x * 1, x / 1, x ** 1 are x
 };
 
