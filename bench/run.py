@@ -69,7 +69,6 @@ def spread_run(cmd, env, procs, max_spread):
     out = dict(recs[0])
     out["median_us"] = meds[len(meds) // 2]
     out["min_median_us"], out["max_median_us"] = meds[0], meds[-1]
-    out["procs"] = len(recs)
     out["noisy"] = relative_spread(meds) > max_spread
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in recs)
     return out
@@ -166,7 +165,7 @@ def main():
                 def fmt(us, r=None):
                     mark = "!" if r is not None and r["noisy"] else ""
                     return (f"{us / 1000:.3f}ms" if us >= 1000 else f"{us:.1f}us") + mark
-                spread = f"{fmt(tf['min_median_us']).strip()}-{fmt(tf['max_median_us']).strip()}"
+                spread = f"{fmt(tf['min_median_us'])}-{fmt(tf['max_median_us'])}"
                 speedup = f"{rec['speedup_over_baseline']:8.2f}x" if base_us else ""
                 rj = f"{rec['ratio_jax']:7.2f}" if jx else f"{'':>7}"
                 print(f"{n:<18} {fmt(tf['median_us'], tf):>11} {spread:>15} {fmt(py['median_us'], py):>11} "

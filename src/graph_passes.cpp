@@ -75,6 +75,13 @@ bool constant_key(const c10::IValue& v, std::string& out) {
 }
 
 
+// Two values with the same dtype, device and strided layout read the same
+// elements wherever they share a storage.
+bool same_layout(const GraphImpl::Meta& a, const GraphImpl::Meta& b) {
+  return a.dtype == b.dtype && a.device == b.device && a.sizes == b.sizes && a.strides == b.strides &&
+         a.offset == b.offset;
+}
+
 // Storages some op writes (in place, out=): values living in them change
 // between two reads, so they are never merged or forwarded.
 class WrittenStorages {
@@ -200,6 +207,14 @@ bool is_pure_view(const Node& n) {
 
 namespace {
 
+// A pure view, or _unsafe_view: a view without its schema saying so (the
+// captured storage identity, checked by the caller, shows it).
+bool is_view(const Node& n) {
+  if (is_pure_view(n)) return true;
+  return n.op.schema().operator_name().name == "aten::_unsafe_view" && n.rets.size() == 1 &&
+         n.rets[0].ids.size() == 1 && !n.args.empty() && n.args[0].kind == Arg::Kind::Value;
+}
+
 // A chain of views (view(transpose(t(w)))) is one as_strided of its root: the
 // layouts are fixed by the signature, so the result's sizes, strides and
 // offset are known. The views in between then die (dead code). A view with
@@ -208,8 +223,6 @@ namespace {
 // op writes the storage (an in-place op on one of them may change its
 // metadata: t_, squeeze_) or the view is a result of the graph (the caller
 // gets a tensor of its own, as eagerly).
-// _unsafe_view is a view without the schema saying so; the captured storage
-// identity shows it.
 void collapse_views(GraphImpl& g) {
   static const auto as_strided = c10::Dispatcher::singleton().findSchemaOrThrow("aten::as_strided", "");
   const WrittenStorages written(g);
@@ -222,10 +235,7 @@ void collapse_views(GraphImpl& g) {
   std::iota(root.begin(), root.end(), 0);
   for (Node& n : g.nodes) {
     rename.apply_to_args(n);
-    const bool view = is_pure_view(n) || (n.op.schema().operator_name().name == "aten::_unsafe_view" &&
-                                          n.rets.size() == 1 && n.rets[0].ids.size() == 1 && !n.args.empty() &&
-                                          n.args[0].kind == Arg::Kind::Value);
-    if (!view) continue;
+    if (!is_view(n)) continue;
     const int in = n.args[0].value, out = n.rets[0].ids[0];
     if (out == kNone) continue;
     const int r = root[in];
@@ -233,8 +243,7 @@ void collapse_views(GraphImpl& g) {
     const auto& mr = g.meta[r];
     if (mo.storage == kNone || mo.storage != mr.storage || mo.dtype != mr.dtype || mo.device != mr.device) continue;
     root[out] = r;
-    if (mo.sizes == mr.sizes && mo.strides == mr.strides && mo.offset == mr.offset && written.clean(out) &&
-        !is_output[out]) {
+    if (same_layout(mo, mr) && written.clean(out) && !is_output[out]) {
       rename.replace(out, r);  // the node is dead now
       continue;
     }
@@ -275,8 +284,7 @@ void forward_identities(GraphImpl& g) {
       const int in = n.args[0].value, out = n.rets[0].ids[0];
       const auto& a = g.meta[in];
       const auto& b = g.meta[out];
-      if (written.clean(in) && written.clean(out) && a.dtype == b.dtype && a.device == b.device && a.sizes == b.sizes &&
-          a.strides == b.strides && a.offset == b.offset) {
+      if (written.clean(in) && written.clean(out) && same_layout(a, b)) {
         rename.replace(out, in);
         continue;
       }
