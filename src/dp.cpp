@@ -4,6 +4,7 @@
 // of per-sample losses, so row i of g belongs to example i alone). Each child
 // then gives its per-sample squared norms from (a, g), and, once the clip
 // factors are known, its clipped gradient sum, by the rule for its type.
+#include <ATen/Dispatch.h>
 #include <torch/nn.h>
 #include <torch/autograd.h>
 #include <torchfunc/dp.h>
@@ -13,6 +14,8 @@
 #include <numeric>
 
 #include "compat.h"
+#include "conv_grad_kernel.h"
+#include "parallel.h"
 
 namespace torchfunc {
 namespace dp {
@@ -192,11 +195,30 @@ class ConvRule : public Rule {
     return F::unfold(a4, F::UnfoldFuncOptions(ea(kernel_)).dilation(ea(dilation_)).padding(ea(padding_)).stride(ea(stride_)))
         .transpose(1, 2);
   }
-  // [B, C_out, C_in / groups, k...]: sample b's channels form groups b*groups .. b*groups + groups - 1.
+  // [B, C_out * C_in / groups * k...]. On the CPU (float, double) by our
+  // direct kernel over the batch; elsewhere as one convolution backward with
+  // the batch folded into the groups (sample b's channels form groups
+  // b*groups .. b*groups + groups - 1), as functorch's batching rule does.
   Tensor per_sample_weight_grads(const Tensor& a4, const Tensor& g4) const {
     const int64_t B = a4.size(0);
     std::vector<int64_t> w_shape = weight_.sizes().vec();
     if (one_d_) w_shape.insert(w_shape.begin() + 2, 1);
+    if (a4.is_cpu() && (a4.scalar_type() == at::kFloat || a4.scalar_type() == at::kDouble) &&
+        g4.scalar_type() == a4.scalar_type()) {
+      Tensor a = a4.contiguous(), g = g4.contiguous();
+      Tensor out = at::empty({B, weight_.numel()}, a.options());
+      const detail::ConvGradShape s{a.size(1), a.size(2), a.size(3), g.size(1), g.size(2), g.size(3),
+                                    w_shape[2], w_shape[3], stride_[0], stride_[1], padding_[0], padding_[1],
+                                    dilation_[0], dilation_[1], groups_};
+      AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "torchfunc::dp per-sample convolution gradients", [&] {
+        const scalar_t *x = a.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        torchfunc::detail::parallel_ranges(B, 1, [&](int64_t n0, int64_t n1) {
+          detail::per_sample_conv_weight_grad(s, x, gp, o, n0, n1);
+        });
+      });
+      return out;
+    }
     std::vector<int64_t> folded = w_shape;
     folded[0] *= B;
     Tensor gw = std::get<1>(at::convolution_backward(

@@ -11,6 +11,7 @@
 
 #include "graph.h"  // detail::is_plain
 #include "noise_kernel.h"
+#include "parallel.h"
 
 namespace torchfunc {
 namespace dp {
@@ -19,29 +20,13 @@ namespace {
 constexpr const char* kAdd = "torchfunc::dp::NoiseGenerator::add_noise_";
 constexpr int64_t kGrain = 16384;  // numbers per task: a 668k-parameter model's noise splits over every thread
 
-// t: contiguous. The threads: ATen's own parallel_for, run through a
-// TensorIterator (at::parallel_for from our translation unit would run
-// serially: libtorch's OpenMP loop is inline in its headers and needs
-// -fopenmp, which would bring a second OpenMP runtime next to the wheel's).
+// t: contiguous. Any split of it gives the same numbers.
 template <class T>
 void add_cpu(uint64_t seed, uint64_t first_block, const at::Tensor& t, double sd, double scale) {
-  at::Tensor flat = t.view(-1);
-  const T* base = flat.data_ptr<T>();
-  at::TensorIterator iter = at::TensorIteratorConfig()
-                                .add_output(flat)
-                                .resize_outputs(false)
-                                .check_all_same_dtype(false)
-                                .set_check_mem_overlap(false)
-                                .build();
-  iter.for_each(
-      [&](char** data, const int64_t* strides, int64_t n, int64_t rows) {
-        TORCH_INTERNAL_ASSERT(strides[0] == int64_t(sizeof(T)), "a contiguous 1-d output");
-        for (int64_t r = 0; r < rows; ++r) {
-          T* out = reinterpret_cast<T*>(data[0] + r * strides[1]);
-          detail::add_normal(seed, first_block, out - base, out, n, T(sd), T(scale));
-        }
-      },
-      kGrain);
+  T* base = t.data_ptr<T>();
+  torchfunc::detail::parallel_ranges(t.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    detail::add_normal(seed, first_block, begin, base + begin, end - begin, T(sd), T(scale));
+  });
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Tests for dp::clipped_grad_sum: per-sample norms and the clipped sum against
 // a loop of single-sample torch::autograd::grad calls (no transforms), on an
-// MLP, CNNs (stride, padding, dilation, groups; Conv1d), an embedding model,
+// MLP, CNNs (stride, padding, dilation, groups, non-square; Conv1d; float and double), an embedding model,
 // a transformer layer, LayerNorm and GroupNorm models, in every norm mode, and through the vmap(grad)
 // path for a model that is not an nn::Sequential; each also with augmentation
 // multiplicity (group_size: an example's gradient is the mean of its rows').
@@ -138,6 +138,12 @@ TEST_F(TF, DpClippedSumMatchesLoopOnCnns) {
   nn::Sequential cnn1d(nn::Conv1d(nn::Conv1dOptions(3, 4, 3).stride(2).padding(1)), nn::ReLU(), nn::Flatten(),
                        nn::Linear(4 * 5, 2));
   check_model(cnn1d, torch::randn({6, 3, 10}), torch::randint(2, {6}));
+  // Non-square kernel, stride, padding and dilation; 20 output channels (the
+  // CPU kernel's vector blocks of 16 and 4), 18 taps (blocks of 8 and 1); double.
+  nn::Sequential rect(nn::Conv2d(nn::Conv2dOptions(3, 20, {2, 3}).stride({1, 2}).padding({1, 0}).dilation({2, 1})),
+                      nn::Tanh(), nn::Flatten(), nn::Linear(20 * 7 * 4, 3));
+  rect->to(torch::kDouble);
+  check_model(rect, torch::randn({6, 3, 7, 9}, torch::kDouble), torch::randint(3, {6}));
   // 'same' padding and reflect padding go through the generic rule.
   nn::Sequential other(nn::Conv2d(nn::Conv2dOptions(2, 3, 3).padding(torch::kSame)), nn::ReLU(),
                        nn::Conv2d(nn::Conv2dOptions(3, 3, 3).padding(1).padding_mode(torch::kReflect)), nn::Flatten(),
