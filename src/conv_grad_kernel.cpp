@@ -3,22 +3,11 @@
 // output gradient per KB multiply-adds) so that the compiler keeps them in
 // vector registers; remainders use smaller blocks.
 #include "conv_grad_kernel.h"
+#include "vector_clones.h"
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
-#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
-// One copy per instruction set, chosen when the library is loaded.
-#define TORCHFUNC_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define TORCHFUNC_VECTOR_CLONES
-#endif
-#if defined(__GNUC__) || defined(__clang__)
-#define TORCHFUNC_INLINE inline __attribute__((always_inline))
-#else
-#define TORCHFUNC_INLINE inline
-#endif
 
 namespace torchfunc {
 namespace dp {
