@@ -27,11 +27,13 @@ struct ConvGradShape {
 };
 
 /// Samples [n0, n1) of x [N, c_in, h, w] and g [N, c_out, h_out, w_out]
-/// (contiguous) into out [N, c_out, c_in / groups, k_h, k_w] (contiguous).
-void per_sample_conv_weight_grad(const ConvGradShape& s, const float* x, const float* g, float* out, int64_t n0,
-                                 int64_t n1);
-void per_sample_conv_weight_grad(const ConvGradShape& s, const double* x, const double* g, double* out, int64_t n0,
-                                 int64_t n1);
+/// (contiguous) into out [N, c_out, c_in / groups, k_h, k_w] (contiguous),
+/// and each sample's squared Frobenius norm of it into norm2 [N] (summed in
+/// double from the accumulators, so the gradients are not read again).
+void per_sample_conv_weight_grad(const ConvGradShape& s, const float* x, const float* g, float* out, float* norm2,
+                                 int64_t n0, int64_t n1);
+void per_sample_conv_weight_grad(const ConvGradShape& s, const double* x, const double* g, double* out,
+                                 double* norm2, int64_t n0, int64_t n1);
 
 }  // namespace detail
 }  // namespace dp

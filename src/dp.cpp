@@ -160,8 +160,14 @@ class ConvRule : public Rule {
         for (int64_t k = 0; k < groups_; ++k)
           n = n + outer_norm2(group_in(patches_, k), group_out(out_grads_, k), NormMode::Ghost);
       } else {
-        per_sample_ = group_sum(per_sample_weight_grads(a4, g4), group_);
-        n = n + squared_norms(per_sample_);
+        auto [grads, norm2] = per_sample_weight_grads(a4, g4);
+        if (group_ == 1 && norm2.defined()) {  // the kernel's norms: the gradients are not read again
+          per_sample_ = grads;
+          n = n + norm2;
+        } else {
+          per_sample_ = group_sum(grads, group_);
+          n = n + squared_norms(per_sample_);
+        }
       }
     }
     if (bias_.defined() && bias_.requires_grad()) {
@@ -195,29 +201,30 @@ class ConvRule : public Rule {
     return F::unfold(a4, F::UnfoldFuncOptions(ea(kernel_)).dilation(ea(dilation_)).padding(ea(padding_)).stride(ea(stride_)))
         .transpose(1, 2);
   }
-  // [B, C_out * C_in / groups * k...]. On the CPU (float, double) by our
-  // direct kernel over the batch; elsewhere as one convolution backward with
-  // the batch folded into the groups (sample b's channels form groups
-  // b*groups .. b*groups + groups - 1), as functorch's batching rule does.
-  Tensor per_sample_weight_grads(const Tensor& a4, const Tensor& g4) const {
+  // [B, C_out * C_in / groups * k...] and, from the CPU kernel, their squared
+  // norms [B]. On the CPU (float, double) by our direct kernel over the batch;
+  // elsewhere as one convolution backward with the batch folded into the
+  // groups (sample b's channels form groups b*groups .. b*groups + groups - 1),
+  // as functorch's batching rule does (norms undefined).
+  std::pair<Tensor, Tensor> per_sample_weight_grads(const Tensor& a4, const Tensor& g4) const {
     const int64_t B = a4.size(0);
     std::vector<int64_t> w_shape = weight_.sizes().vec();
     if (one_d_) w_shape.insert(w_shape.begin() + 2, 1);
     if (a4.is_cpu() && (a4.scalar_type() == at::kFloat || a4.scalar_type() == at::kDouble) &&
         g4.scalar_type() == a4.scalar_type()) {
       Tensor a = a4.contiguous(), g = g4.contiguous();
-      Tensor out = at::empty({B, weight_.numel()}, a.options());
+      Tensor out = at::empty({B, weight_.numel()}, a.options()), norm2 = at::empty({B}, a.options());
       const detail::ConvGradShape s{a.size(1), a.size(2), a.size(3), g.size(1), g.size(2), g.size(3),
                                     w_shape[2], w_shape[3], stride_[0], stride_[1], padding_[0], padding_[1],
                                     dilation_[0], dilation_[1], groups_};
       AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "torchfunc::dp per-sample convolution gradients", [&] {
         const scalar_t *x = a.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
-        scalar_t* o = out.data_ptr<scalar_t>();
+        scalar_t *o = out.data_ptr<scalar_t>(), *n2 = norm2.data_ptr<scalar_t>();
         torchfunc::detail::parallel_ranges(B, 1, [&](int64_t n0, int64_t n1) {
-          detail::per_sample_conv_weight_grad(s, x, gp, o, n0, n1);
+          detail::per_sample_conv_weight_grad(s, x, gp, o, n2, n0, n1);
         });
       });
-      return out;
+      return {out, norm2};
     }
     std::vector<int64_t> folded = w_shape;
     folded[0] *= B;
@@ -225,7 +232,7 @@ class ConvRule : public Rule {
         g4.reshape({1, -1, g4.size(2), g4.size(3)}), a4.reshape({1, -1, a4.size(2), a4.size(3)}),
         at::empty(folded, a4.options()), c10::nullopt, stride_, padding_, dilation_, /*transposed=*/false, {0, 0},
         B * groups_, {false, true, false}));
-    return gw.view({B, -1});
+    return {gw.view({B, -1}), Tensor()};
   }
   Tensor group_in(const Tensor& patches, int64_t k) const {
     const int64_t d = patches.size(2) / groups_;
