@@ -134,10 +134,22 @@ class Renamer {
   std::vector<int> to_;
 };
 
+// 1 for the values the graph returns. A pass must not make two results one
+// tensor, or a result the input itself, where eagerly they were distinct:
+// the caller could write one and see the other change.
+std::vector<char> output_flags(const GraphImpl& g) {
+  std::vector<char> is_output(g.num_values, 0);
+  for (int id : g.outputs) {
+    if (id != kNone) is_output[id] = 1;
+  }
+  return is_output;
+}
+
 void eliminate_common_subexpressions(GraphImpl& g) {
   const WrittenStorages written(g);
   auto clean = [&](int id) { return written.clean(id); };
   Renamer rename(g.num_values);
+  std::vector<char> is_output = output_flags(g);
   std::unordered_map<std::string, size_t> seen;
   std::vector<Node> nodes;
   for (Node& n : g.nodes) {
@@ -172,14 +184,30 @@ void eliminate_common_subexpressions(GraphImpl& g) {
     }
     if (mergeable) {
       auto it = seen.find(key);
+      bool two_results = false;  // merging would make two of the graph's results one tensor
       if (it != seen.end()) {
         const Node& first = nodes[it->second];
         for (size_t j = 0; j < n.rets.size(); ++j) {
           for (size_t k = 0; k < n.rets[j].ids.size(); ++k) {
             int id = n.rets[j].ids[k];
-            if (id != kNone) rename.replace(id, first.rets[j].ids[k]);
+            two_results = two_results || (id != kNone && is_output[id] && is_output[first.rets[j].ids[k]]);
           }
         }
+      }
+      if (it != seen.end() && !two_results) {
+        const Node& first = nodes[it->second];
+        for (size_t j = 0; j < n.rets.size(); ++j) {
+          for (size_t k = 0; k < n.rets[j].ids.size(); ++k) {
+            int id = n.rets[j].ids[k];
+            if (id == kNone) continue;
+            rename.replace(id, first.rets[j].ids[k]);
+            if (is_output[id]) is_output[first.rets[j].ids[k]] = 1;
+          }
+        }
+        continue;
+      }
+      if (it != seen.end()) {  // kept apart: computed again
+        nodes.push_back(std::move(n));
         continue;
       }
       seen.emplace(std::move(key), nodes.size());
@@ -226,10 +254,7 @@ bool is_view(const Node& n) {
 void collapse_views(GraphImpl& g) {
   static const auto as_strided = c10::Dispatcher::singleton().findSchemaOrThrow("aten::as_strided", "");
   const WrittenStorages written(g);
-  std::vector<char> is_output(g.num_values, 0);
-  for (int id : g.outputs) {
-    if (id != kNone) is_output[id] = 1;
-  }
+  const std::vector<char> is_output = output_flags(g);
   Renamer rename(g.num_values);
   std::vector<int> root(g.num_values);
   std::iota(root.begin(), root.end(), 0);
@@ -263,10 +288,12 @@ void collapse_views(GraphImpl& g) {
   }
 }
 
-// x * 1, x / 1, x ** 1 and copies to the same dtype give x itself where the
-// layouts agree and nothing writes either storage.
+// x * 1, x / 1, x ** 1 give x itself where the layouts agree, nothing writes
+// either storage and the result is not one of the graph's (eagerly a new
+// tensor, which the caller may write).
 void forward_identities(GraphImpl& g) {
   const WrittenStorages written(g);
+  const std::vector<char> is_output = output_flags(g);
   Renamer rename(g.num_values);
   std::vector<Node> nodes;
   for (Node& n : g.nodes) {
@@ -284,7 +311,7 @@ void forward_identities(GraphImpl& g) {
       const int in = n.args[0].value, out = n.rets[0].ids[0];
       const auto& a = g.meta[in];
       const auto& b = g.meta[out];
-      if (written.clean(in) && written.clean(out) && same_layout(a, b)) {
+      if (written.clean(in) && written.clean(out) && same_layout(a, b) && !is_output[out]) {
         rename.replace(out, in);
         continue;
       }

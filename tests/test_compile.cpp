@@ -238,6 +238,42 @@ TEST_F(TF, CompileForwardsViewsWithTheirBasesLayout) {
   expect_close(oh.run({x2})[0], h(x2));
 }
 
+TEST_F(TF, CompileResultsAliasAsEagerly) {
+  // Eagerly x * 1 is a new tensor and two sin(x) are two tensors: compiled,
+  // the identity is not forwarded to the input and CSE does not merge two
+  // results, so writing one result changes neither the input nor another.
+  auto f = [](const Tensor& x) { return std::make_tuple(x * 1, x.sin(), x.sin(), (x * 1).exp()); };
+  auto cf = func::compile(f);
+  Tensor x = torch::randn({4});
+  cf(x);  // captures
+  Tensor x2 = torch::randn({4}), keep = x2.clone();
+  auto [a, b, c, d] = cf(x2);
+  EXPECT_FALSE(a.is_alias_of(x2));
+  EXPECT_FALSE(b.is_alias_of(c));
+  a.add_(1);
+  b.add_(1);
+  expect_close(x2, keep);
+  expect_close(c, keep.sin());
+  expect_close(d, keep.exp());
+  // What eagerly is one tensor stays one: a result returned twice, the input returned.
+  auto g = [](const Tensor& x) {
+    Tensor y = x.cos();
+    return std::make_tuple(y, y, x);
+  };
+  auto cg = func::compile(g);
+  cg(x);
+  auto [p, q, r] = cg(x2);
+  EXPECT_TRUE(p.is_same(q));
+  EXPECT_TRUE(r.is_same(x2));
+  // The optimisations still apply inside: x * 1 feeding exp is forwarded, and
+  // the two sin(x) of an intermediate sum are computed once.
+  auto h = [](const Tensor& x) { return (x * 1).exp() + x.sin() + x.sin(); };
+  auto oh = func::make_graph(h, x).optimized({});
+  EXPECT_EQ(oh.count("aten::mul"), 0u) << oh.str();
+  EXPECT_EQ(oh.count("aten::sin"), 1u) << oh.str();
+  expect_close(oh.run({x2})[0], h(x2));
+}
+
 TEST_F(TF, CompileKeepsMutationsViewsAndConstantsMeaningful) {
   // An in-place update of an argument happens at every replay.
   auto inc = func::compile([](const Tensor& x) {
