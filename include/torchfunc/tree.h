@@ -51,13 +51,24 @@ struct tree_node<at::Tensor> {
 
 // ---- sequences ---------------------------------------------------------------
 
+namespace detail {
+// "[i]", by appends: GCC 12 warns falsely (-Wstringop-overflow, its bug 105651)
+// on the inlined "[" + std::to_string(i).
+inline std::string index_key(size_t i) {
+  std::string s = "[";
+  s += std::to_string(i);
+  s += ']';
+  return s;
+}
+}  // namespace detail
+
 template <class T, class A>
 struct tree_node<std::vector<T, A>> {
   static constexpr NodeKind kind = NodeKind::Sequence;
   using children = std::tuple<T>;
   static size_t size(const std::vector<T, A>& v) { return v.size(); }
   static std::string key(const std::vector<T, A>&, size_t i) {
-    return "[" + std::to_string(i) + "]";
+    return detail::index_key(i);
   }
   template <class Fn>
   static void for_each(const std::vector<T, A>& v, Fn&& fn) {
@@ -78,7 +89,7 @@ struct tree_node<std::array<T, N>> {
   using children = std::tuple<T>;
   static size_t size(const std::array<T, N>&) { return N; }
   static std::string key(const std::array<T, N>&, size_t i) {
-    return "[" + std::to_string(i) + "]";
+    return detail::index_key(i);
   }
   template <class Fn>
   static void for_each(const std::array<T, N>& v, Fn&& fn) {
@@ -110,7 +121,7 @@ struct tree_node<std::tuple<Ts...>> {
   using children = std::tuple<Ts...>;
   static size_t size(const std::tuple<Ts...>&) { return sizeof...(Ts); }
   static std::string key(const std::tuple<Ts...>&, size_t i) {
-    return "[" + std::to_string(i) + "]";
+    return detail::index_key(i);
   }
   template <class Fn>
   static void for_each(const std::tuple<Ts...>& v, Fn&& fn) {
