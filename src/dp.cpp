@@ -15,6 +15,7 @@
 
 #include "compat.h"
 #include "conv_grad_kernel.h"
+#include "graph.h"  // detail::is_plain
 #include "parallel.h"
 
 namespace torchfunc {
@@ -438,6 +439,10 @@ void check_inputs(const Tensor& x, const Tensor& y, const ClipOptions& options) 
 ClippedGradients clipped_grad_sum(nn::Sequential& model, const PerSampleLoss& loss, const Tensor& x, const Tensor& y,
                                   const ClipOptions& options) {
   detail::check_inputs(x, y, options);
+  // Under vmap its autograd::grad would sum over the vmapped samples too.
+  TORCH_CHECK(torchfunc::detail::is_plain(x) && torchfunc::detail::is_plain(y), "torchfunc::dp::clipped_grad_sum: got "
+              "a transform's tensor (a BatchedTensor or a grad/functionalize wrapper); call it outside vmap / grad / "
+              "functionalize, on plain tensors: its own backward pass does not compose with them.");
   const int64_t K = options.group_size();
   struct Step {
     std::string prefix;

@@ -240,6 +240,12 @@ TEST_F(TF, DpFrozenParametersAndErrors) {
   auto impl = mlp.ptr();  // the vmap(grad) overload checks before it computes
   EXPECT_ERROR(dp::clipped_grad_sum(impl, per_sample_ce, x, y, dp::ClipOptions().group_size(3)),
                "not a whole number of groups");
+  // Inside vmap the Sequential overload's own backward pass would sum over
+  // the vmapped samples too (it gave wrong sums): refused.
+  auto inside = [&](const Tensor& xi, const Tensor& yi) { return dp::clipped_grad_sum(mlp, per_sample_ce, xi, yi).norms; };
+  EXPECT_ERROR(func::vmap(inside)(torch::randn({2, 4, 4}), torch::randint(2, {2, 4})),
+               "call it outside vmap / grad / functionalize");
+  expect_matches(mlp, dp::clipped_grad_sum(mlp, per_sample_ce, x, y), loop_reference(mlp, x, y), 1.0);  // still fine after
 }
 
 }  // namespace
