@@ -465,6 +465,8 @@ class Observing {
 
 }  // namespace
 
+bool capturing() { return t_capture != nullptr; }
+
 void capture_add_input(const at::Tensor& t) {
   Capture* c = t_capture;
   TORCH_INTERNAL_ASSERT(c != nullptr, "capture_add_input outside a capture");

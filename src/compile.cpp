@@ -49,7 +49,12 @@ std::string Graph::str() const {
   using detail::Arg;
   const auto& g = impl();
   std::ostringstream s;
-  auto v = [&](int id) { return id == detail::kNone ? std::string("None") : "%" + std::to_string(id); };
+  auto v = [&](int id) {
+    if (id == detail::kNone) return std::string("None");
+    std::string s(1, '%');  // appends: GCC 12 warns falsely on "%" + to_string
+    s += std::to_string(id);
+    return s;
+  };
   s << "graph(";
   for (size_t i = 0; i < g.inputs.size(); ++i) {
     s << (i ? ", " : "") << v(g.inputs[i]) << ": " << g.type_of[g.inputs[i]];

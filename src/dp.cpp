@@ -206,13 +206,14 @@ class ConvRule : public Rule {
   // norms [B]. On the CPU (float, double) by our direct kernel over the batch;
   // elsewhere as one convolution backward with the batch folded into the
   // groups (sample b's channels form groups b*groups .. b*groups + groups - 1),
-  // as functorch's batching rule does (norms undefined).
+  // as functorch's batching rule does (norms undefined); the folded way under
+  // a capture too, which records ops and would not replay host writes.
   std::pair<Tensor, Tensor> per_sample_weight_grads(const Tensor& a4, const Tensor& g4) const {
     const int64_t B = a4.size(0);
     std::vector<int64_t> w_shape = weight_.sizes().vec();
     if (one_d_) w_shape.insert(w_shape.begin() + 2, 1);
     if (a4.is_cpu() && (a4.scalar_type() == at::kFloat || a4.scalar_type() == at::kDouble) &&
-        g4.scalar_type() == a4.scalar_type()) {
+        g4.scalar_type() == a4.scalar_type() && !torchfunc::detail::capturing()) {
       Tensor a = a4.contiguous(), g = g4.contiguous();
       Tensor out = at::empty({B, weight_.numel()}, a.options()), norm2 = at::empty({B}, a.options());
       const detail::ConvGradShape s{a.size(1), a.size(2), a.size(3), g.size(1), g.size(2), g.size(3),

@@ -109,6 +109,10 @@ inline bool has_side_effects(const Node& n) {
 /// Not a transform's tensor (BatchedTensor, TensorWrapper, FunctionalTensorWrapper).
 bool is_plain(const at::Tensor& t);
 
+/// A capture (compile, make_graph, aot_function) runs on this thread: code
+/// that writes through data pointers must refuse, a replay would not repeat it.
+bool capturing();
+
 /// One tensor return aliasing the first argument, nothing written.
 bool is_pure_view(const Node& n);
 

@@ -145,6 +145,18 @@ std::vector<char> output_flags(const GraphImpl& g) {
   return is_output;
 }
 
+// Merging n into the earlier equal node first would make two of the graph's
+// results one tensor.
+bool merges_two_results(const Node& n, const Node& first, const std::vector<char>& is_output) {
+  for (size_t j = 0; j < n.rets.size(); ++j) {
+    for (size_t k = 0; k < n.rets[j].ids.size(); ++k) {
+      int id = n.rets[j].ids[k];
+      if (id != kNone && is_output[id] && is_output[first.rets[j].ids[k]]) return true;
+    }
+  }
+  return false;
+}
+
 void eliminate_common_subexpressions(GraphImpl& g) {
   const WrittenStorages written(g);
   auto clean = [&](int id) { return written.clean(id); };
@@ -164,7 +176,9 @@ void eliminate_common_subexpressions(GraphImpl& g) {
         switch (a.kind) {
           case Arg::Kind::Value:
             mergeable = clean(a.value);
-            key += "%" + std::to_string(a.value) + ";";
+            key += '%';  // appends: GCC 12 warns falsely on "%" + to_string
+            key += std::to_string(a.value);
+            key += ';';
             break;
           case Arg::Kind::List:
           case Arg::Kind::OptionalList:
@@ -184,17 +198,9 @@ void eliminate_common_subexpressions(GraphImpl& g) {
     }
     if (mergeable) {
       auto it = seen.find(key);
-      bool two_results = false;  // merging would make two of the graph's results one tensor
-      if (it != seen.end()) {
-        const Node& first = nodes[it->second];
-        for (size_t j = 0; j < n.rets.size(); ++j) {
-          for (size_t k = 0; k < n.rets[j].ids.size(); ++k) {
-            int id = n.rets[j].ids[k];
-            two_results = two_results || (id != kNone && is_output[id] && is_output[first.rets[j].ids[k]]);
-          }
-        }
-      }
-      if (it != seen.end() && !two_results) {
+      if (it == seen.end()) {
+        seen.emplace(std::move(key), nodes.size());
+      } else if (!merges_two_results(n, nodes[it->second], is_output)) {
         const Node& first = nodes[it->second];
         for (size_t j = 0; j < n.rets.size(); ++j) {
           for (size_t k = 0; k < n.rets[j].ids.size(); ++k) {
@@ -205,12 +211,7 @@ void eliminate_common_subexpressions(GraphImpl& g) {
           }
         }
         continue;
-      }
-      if (it != seen.end()) {  // kept apart: computed again
-        nodes.push_back(std::move(n));
-        continue;
-      }
-      seen.emplace(std::move(key), nodes.size());
+      }  // else kept apart: computed again
     }
     nodes.push_back(std::move(n));
   }

@@ -2,14 +2,13 @@
 // split of the stream over intra-op threads, dtypes and devices. The
 // arithmetic is src/noise_kernel.cpp.
 #include <ATen/ATen.h>
-#include <ATen/TensorIterator.h>
 #include <c10/core/GradMode.h>
 #include <torchfunc/noise.h>
 
 #include <algorithm>
 #include <cmath>
 
-#include "graph.h"  // detail::is_plain
+#include "graph.h"  // detail::is_plain, detail::capturing
 #include "noise_kernel.h"
 #include "parallel.h"
 
@@ -40,6 +39,11 @@ void NoiseGenerator::add_noise_(const at::Tensor& t, double std, double scale) {
   TORCH_CHECK(t.defined(), kAdd, ": the tensor is undefined.");
   TORCH_CHECK(torchfunc::detail::is_plain(t), kAdd, ": got a transform's tensor (a BatchedTensor or a grad/functionalize ",
               "wrapper); add the noise outside vmap / grad / functionalize, to the plain result.");
+  // The numbers are written on the host, which a capture does not record: a
+  // replay would return the gradients without noise.
+  TORCH_CHECK(!torchfunc::detail::capturing(), kAdd, ": called inside a function being captured (compile, make_graph, ",
+              "aot_function); the noise is written on the host and a replay would not add it. Add the noise outside ",
+              "the compiled function, to its results.");
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), kAdd, ": needs a floating-point tensor, got ", t.scalar_type(), ".");
   TORCH_CHECK(std::isfinite(std) && std >= 0, kAdd, ": std must be finite and non-negative, got ", std, ".");
   TORCH_CHECK(std::isfinite(scale), kAdd, ": scale must be finite, got ", scale, ".");

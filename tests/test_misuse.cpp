@@ -308,6 +308,13 @@ std::vector<Misuse> catalogue() {
         return u;
       })(dx);
     });
+    row("dp::NoiseGenerator", "noise inside a compiled function", "the noise is written on the host and a replay would not add it", [=] {
+      func::compile([](const Tensor& t) {
+        Tensor u = t.clone();
+        func::dp::NoiseGenerator(1).add_noise_(u, 1.0);
+        return u;
+      })(dx);
+    });
     row("dp::NoiseGenerator", "an offset that no generator returned", "offset must be a multiple of 64 counters",
         [] { func::dp::NoiseGenerator(1, 10); });
   }
