@@ -140,7 +140,9 @@ struct Capture {
     }
     if (t.layout() == c10::kStrided) {
       auto ks = (t.key_set() - c10::autograd_dispatch_keyset).remove(c10::DispatchKey::ADInplaceOrView);
-      m.backend_only = ks == c10::DispatchKeySet(c10::computeDispatchKey(t.scalar_type(), t.layout(), t.device()));
+      const auto backend = c10::DispatchKeySet(c10::computeDispatchKey(t.scalar_type(), t.layout(), t.device()));
+      m.backend_only = ks == backend;
+      m.plain = (ks - c10::autocast_dispatch_keyset) == backend;
     }
     if (t.has_storage() && t.storage().unsafeGetStorageImpl()) {
       auto it = storage_id.emplace(t.storage().unsafeGetStorageImpl(), static_cast<int>(storage_id.size())).first;

@@ -34,6 +34,7 @@ const detail::GraphImpl& Graph::impl() const {
 size_t Graph::num_inputs() const { return impl().inputs.size(); }
 size_t Graph::num_outputs() const { return impl().outputs.size(); }
 size_t Graph::num_nodes() const { return impl().nodes.size(); }
+bool Graph::uses_small_tensor_kernels() const { return impl().small != nullptr; }
 size_t Graph::num_constants() const { return impl().constants.size(); }
 
 size_t Graph::count(const std::string& op) const {
@@ -100,6 +101,8 @@ std::string Graph::str() const {
   s << "  return (";
   for (size_t i = 0; i < g.outputs.size(); ++i) s << (i ? ", " : "") << v(g.outputs[i]);
   s << ")\n";
+  if (g.small) s << "  # replayed on torchfunc's loops for small tensors (CompileOptions::small_tensor_kernels)\n";
+  if (!g.small_why.empty()) s << "  # replayed on ATen's kernels, not torchfunc's small-tensor loops: " << g.small_why << "\n";
   return s.str();
 }
 
@@ -109,6 +112,9 @@ std::vector<at::Tensor> Graph::run(const std::vector<at::Tensor>& inputs) const 
   const auto& g = impl();
   TORCH_CHECK(inputs.size() == g.inputs.size(), "torchfunc::Graph::run: expected ", g.inputs.size(),
               " inputs, got ", inputs.size());
+  if (g.small) {
+    if (auto outs = detail::run_small_replay(*g.small, g, inputs)) return std::move(*outs);
+  }
   std::vector<c10::IValue> slots(g.num_values);
   for (const auto& c : g.constants) slots[c.first] = c.second;
   for (size_t i = 0; i < inputs.size(); ++i) slots[g.inputs[i]] = inputs[i];

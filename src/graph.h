@@ -8,6 +8,8 @@
 #include <ATen/core/enum_tag.h>
 #include <ATen/core/ivalue.h>
 
+#include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -45,6 +47,8 @@ struct Node {
   bool failed = false;       // the op threw while capturing: not part of the graph
 };
 
+struct SmallPlan;  // src/small_replay.cpp
+
 struct GraphImpl {
   int num_values = 0;
   std::vector<int> inputs;
@@ -61,9 +65,14 @@ struct GraphImpl {
     c10::ScalarType dtype = c10::ScalarType::Undefined;
     c10::Device device = c10::Device(c10::kCPU);
     bool backend_only = false;  // dispatch keys: its backend's (+ autograd), no ZeroTensor / Conjugate / Negative
+    bool plain = false;         // the same, autocast's keys allowed (every plain tensor has them on libtorch 2.x)
   };
   std::vector<Meta> meta;
   size_t boundary = 0;  // aot_function's joint graph: nodes before it ran in the forward pass
+  // Set by optimize_graph (CompileOptions::small_tensor_kernels): the replay on
+  // torchfunc's loops for small float32 CPU graphs.
+  std::shared_ptr<const SmallPlan> small;
+  std::string small_why;  // why not (for str())
 };
 
 // empty(...) and its variants: values whose contents no op has written yet.
@@ -118,6 +127,14 @@ bool is_pure_view(const Node& n);
 
 /// The passes of CompileOptions on g (in place), and the replay plan.
 void optimize_graph(GraphImpl& g, const CompileOptions& options);
+
+/// A plan for replaying g on small_kernels.h's loops, or null (and why) where
+/// g has an op, dtype, device or size they do not cover.
+std::shared_ptr<const SmallPlan> plan_small_replay(const GraphImpl& g, std::string& why);
+/// The replay by plan p; nothing where an input or constant does not have
+/// its captured layout (then the ATen replay runs).
+std::optional<std::vector<at::Tensor>> run_small_replay(const SmallPlan& p, const GraphImpl& g,
+                                                        const std::vector<at::Tensor>& inputs);
 
 }  // namespace detail
 }  // namespace torchfunc

@@ -362,12 +362,15 @@ void plan_releases(GraphImpl& g) {
 }  // namespace
 
 void optimize_graph(GraphImpl& g, const CompileOptions& options) {
+  g.small.reset();  // planned for the nodes as they were
+  g.small_why.clear();
   if (options.simplify_views) collapse_views(g);
   if (options.forward_identities) forward_identities(g);
   if (options.eliminate_common_subexpressions) eliminate_common_subexpressions(g);
   if (options.eliminate_dead_code) eliminate_dead_code(g);
   if (options.free_after_last_use) plan_releases(g);
   plan_dispatch(g);
+  if (options.small_tensor_kernels) g.small = plan_small_replay(g, g.small_why);
 }
 
 }  // namespace detail

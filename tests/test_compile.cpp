@@ -114,6 +114,7 @@ TEST_F(TF, CompiledMamlMetaStepEqualsEagerAndAutogradLoop) {
   auto batch = [] { return std::vector<Tensor>{torch::randn({4, 5, 1}), torch::randn({4, 5, 1}), torch::randn({4, 5, 1}), torch::randn({4, 5, 1})}; };
   auto b0 = batch();
   compiled(params, b0[0], b0[1], b0[2], b0[3]);
+  EXPECT_TRUE(compiled.graphs().at(0).uses_small_tensor_kernels()) << compiled.graphs().at(0).str();
   auto b = batch();
   TensorDict got = compiled(params, b[0], b[1], b[2], b[3]);
   expect_dicts_close(got, meta(params, b[0], b[1], b[2], b[3]));
@@ -163,6 +164,85 @@ TEST_F(TF, CompiledCnnPerSampleGradientsAndJacobiansEqualEager) {
   expect_close(ch(v2), func::hessian(h)(v2));
   expect_close(cr(v2), func::jacrev(jac)(v2));
   expect_close(cfw(v2), func::jacfwd(jac)(v2));
+}
+
+// CompileOptions::small_tensor_kernels: the ops it covers, against eager
+// (ATen's kernels) and the ATen replay of the same graph, with broadcasting,
+// transposed and expanded operands, every reduction form, mm / bmm of
+// transposed operands; graphs it does not cover keep the ATen replay.
+TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
+  auto f = [](const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& v) {
+    Tensor h = torch::relu(x.mm(w) + b);                // [6, 5] + [5]
+    Tensor t = torch::tanh(h.t().mm(x) * 0.5);           // [5, 4]: transposed operand
+    Tensor s = torch::sigmoid(t - t.mean(0, true)) / 3;  // keepdim mean, div by a scalar
+    Tensor r = (s.pow(2) + s.pow(3) - s.neg().exp().log()).sqrt().abs() + (x.sin() * x.cos()).sum();
+    Tensor bm = torch::bmm(v, v.transpose(1, 2));        // [3, 2, 2] from [3, 2, 7]
+    Tensor red = bm.sum({-1}) + bm.mean({0, 2}, true).squeeze(2) + v.sum(std::vector<int64_t>{}).expand({3, 2});
+    Tensor z = torch::zeros_like(b) + torch::ones_like(b) * 2 - b.clone() * 1.5 + (b + 1) - (b - 2);
+    return std::make_tuple(r, red, z / b.unsqueeze(0).expand({2, 5}), x.mean());
+  };
+  // Gradients: threshold_backward, tanh_backward, sigmoid_backward, sums over broadcast dims.
+  auto g = func::grad([](const Tensor& x, const Tensor& w, const Tensor& b) {
+    return (torch::sigmoid(torch::tanh(torch::relu(x.mm(w) + b)))).pow(2).mean();
+  }, func::argnums<0, 1, 2>);
+  Tensor x = torch::randn({6, 4}), w = torch::randn({4, 5}), b = torch::rand({5}) + 0.5, v = torch::randn({3, 2, 7});
+  func::CompileOptions aten_only;
+  aten_only.small_tensor_kernels = false;
+  auto cf = func::compile(f), cf_aten = func::compile(f, aten_only);
+  auto cg = func::compile(g), cg_aten = func::compile(g, aten_only);
+  cf(x, w, b, v), cf_aten(x, w, b, v), cg(x, w, b), cg_aten(x, w, b);  // capture
+  ASSERT_TRUE(cf.graphs().at(0).uses_small_tensor_kernels()) << cf.graphs().at(0).str();
+  ASSERT_TRUE(cg.graphs().at(0).uses_small_tensor_kernels()) << cg.graphs().at(0).str();
+  EXPECT_FALSE(cf_aten.graphs().at(0).uses_small_tensor_kernels());
+  EXPECT_NE(cf.graphs().at(0).str().find("small tensors"), std::string::npos);
+  for (int rep = 0; rep < 3; ++rep) {
+    Tensor x2 = torch::randn({6, 4}), w2 = torch::randn({4, 5}), b2 = torch::rand({5}) + 0.5, v2 = torch::randn({3, 2, 7});
+    auto got = cf(x2, w2, b2, v2), ref = f(x2, w2, b2, v2), aten = cf_aten(x2, w2, b2, v2);
+    expect_close(std::get<0>(got), std::get<0>(ref), 1e-5);
+    expect_close(std::get<1>(got), std::get<1>(ref), 1e-5);
+    expect_close(std::get<2>(got), std::get<2>(ref), 1e-5);
+    expect_close(std::get<3>(got), std::get<3>(ref), 1e-6);
+    expect_close(std::get<0>(got), std::get<0>(aten), 1e-5);
+    auto gg = cg(x2, w2, b2), gr = g(x2, w2, b2);
+    expect_close(std::get<0>(gg), std::get<0>(gr), 1e-6);
+    expect_close(std::get<1>(gg), std::get<1>(gr), 1e-6);
+    expect_close(std::get<2>(gg), std::get<2>(gr), 1e-6);
+  }
+  // Results are fresh tensors: a later replay does not write them.
+  auto first = cg(x, w, b);
+  Tensor kept = std::get<1>(first).clone();
+  cg(torch::randn({6, 4}), torch::randn({4, 5}), torch::rand({5}));
+  EXPECT_TRUE(torch::equal(std::get<1>(first), kept));
+  // An input returned, a result returned twice, a view of an input: as eagerly.
+  auto h = func::compile([](const Tensor& a) { Tensor c = a.sin(); return std::make_tuple(a, c, c, a.t()); });
+  Tensor a = torch::randn({3, 2});
+  h(a);
+  ASSERT_TRUE(h.graphs().at(0).uses_small_tensor_kernels());
+  auto out = h(a);
+  EXPECT_TRUE(std::get<0>(out).is_same(a));
+  EXPECT_TRUE(std::get<1>(out).is_same(std::get<2>(out)));
+  EXPECT_TRUE(std::get<3>(out).is_alias_of(a));
+  expect_close(std::get<3>(out), a.t(), 0);
+  expect_close(std::get<1>(out), a.sin(), 1e-6);
+  // Graph::run with inputs of another layout than captured: the ATen replay.
+  func::Graph graph = func::make_graph(f, x, w, b, v).optimized(func::CompileOptions());
+  ASSERT_TRUE(graph.uses_small_tensor_kernels());
+  Tensor xt = torch::randn({4, 6}).t();
+  auto ran = graph.run({xt, w, b, v});
+  expect_close(ran[3], xt.mean(), 1e-6);
+  // Not covered: an op (cumsum), a dtype (double), a size (2^17 elements).
+  auto other = func::compile([](const Tensor& t) { return t.cumsum(0) * 2; });
+  other(x);
+  EXPECT_FALSE(other.graphs().at(0).uses_small_tensor_kernels());
+  expect_close(other(x), x.cumsum(0) * 2, 1e-6);
+  auto dbl = func::compile([](const Tensor& t) { return t.sin() * 2; });
+  Tensor xd = torch::randn({6, 4}, torch::kDouble);
+  dbl(xd);
+  EXPECT_FALSE(dbl.graphs().at(0).uses_small_tensor_kernels());
+  Tensor big = torch::randn({1 << 17});
+  dbl(big);
+  for (const auto& gr : dbl.graphs()) EXPECT_FALSE(gr.uses_small_tensor_kernels()) << gr.str();
+  expect_close(dbl(big), big.sin() * 2, 1e-6);
 }
 
 TEST_F(TF, CompileEliminatesDeadCodeAndCommonSubexpressions) {
