@@ -98,45 +98,49 @@ TEST_F(TF, CompiledPerSampleGradientsEqualEagerAndALoop) {
   EXPECT_EQ(gr.str().find("functorch"), std::string::npos);
 }
 
+// Sizes: a small net, and W8's (hidden 40, 8 tasks of 10 shots).
 TEST_F(TF, CompiledMamlMetaStepEqualsEagerAndAutogradLoop) {
-  nn::Sequential net(nn::Linear(1, 20), nn::ReLU(), nn::Linear(20, 20), nn::ReLU(), nn::Linear(20, 1));
-  TensorDict params = func::named_parameters(net);
-  auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) { return mse(func::functional_call(net, p, x), y); };
-  auto task = [&](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
-    TensorDict g = func::grad(loss)(p, a, b), q;
-    for (const auto& it : p) q.insert(it.key(), it.value() - 0.1 * g[it.key()]);
-    return loss(q, c, d);
-  };
-  auto meta = func::grad([&](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
-    return func::vmap(task, func::in_dims(func::none, 0, 0, 0, 0))(p, a, b, c, d).mean();
-  });
-  auto compiled = func::compile(meta);
-  auto batch = [] { return std::vector<Tensor>{torch::randn({4, 5, 1}), torch::randn({4, 5, 1}), torch::randn({4, 5, 1}), torch::randn({4, 5, 1})}; };
-  auto b0 = batch();
-  compiled(params, b0[0], b0[1], b0[2], b0[3]);
-  EXPECT_TRUE(compiled.graphs().at(0).uses_small_tensor_kernels()) << compiled.graphs().at(0).str();
-  auto b = batch();
-  TensorDict got = compiled(params, b[0], b[1], b[2], b[3]);
-  expect_dicts_close(got, meta(params, b[0], b[1], b[2], b[3]));
-  // Reference: autograd with create_graph, a loop over tasks.
-  std::vector<Tensor> ps;
-  for (const auto& it : params) ps.push_back(it.value().detach().requires_grad_());
-  auto dict = [&](const std::vector<Tensor>& v) {
-    TensorDict d;
+  for (auto [H, T, K] : {std::tuple<int64_t, int64_t, int64_t>{20, 4, 5}, {40, 8, 10}}) {
+    SCOPED_TRACE("hidden " + std::to_string(H) + ", tasks " + std::to_string(T));
+    nn::Sequential net(nn::Linear(1, H), nn::ReLU(), nn::Linear(H, H), nn::ReLU(), nn::Linear(H, 1));
+    TensorDict params = func::named_parameters(net);
+    auto loss = [&](const TensorDict& p, const Tensor& x, const Tensor& y) { return mse(func::functional_call(net, p, x), y); };
+    auto task = [&](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
+      TensorDict g = func::grad(loss)(p, a, b), q;
+      for (const auto& it : p) q.insert(it.key(), it.value() - 0.1 * g[it.key()]);
+      return loss(q, c, d);
+    };
+    auto meta = func::grad([&](const TensorDict& p, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d) {
+      return func::vmap(task, func::in_dims(func::none, 0, 0, 0, 0))(p, a, b, c, d).mean();
+    });
+    auto compiled = func::compile(meta);
+    auto batch = [T = T, K = K] { return std::vector<Tensor>{torch::randn({T, K, 1}), torch::randn({T, K, 1}), torch::randn({T, K, 1}), torch::randn({T, K, 1})}; };
+    auto b0 = batch();
+    compiled(params, b0[0], b0[1], b0[2], b0[3]);
+    EXPECT_TRUE(compiled.graphs().at(0).uses_small_tensor_kernels()) << compiled.graphs().at(0).str();
+    auto b = batch();
+    TensorDict got = compiled(params, b[0], b[1], b[2], b[3]);
+    expect_dicts_close(got, meta(params, b[0], b[1], b[2], b[3]));
+    // Reference: autograd with create_graph, a loop over tasks.
+    std::vector<Tensor> ps;
+    for (const auto& it : params) ps.push_back(it.value().detach().requires_grad_());
+    auto dict = [&](const std::vector<Tensor>& v) {
+      TensorDict d;
+      size_t k = 0;
+      for (const auto& it : params) d.insert(it.key(), v[k++]);
+      return d;
+    };
+    Tensor total = torch::zeros({});
+    for (int64_t i = 0; i < T; ++i) {
+      auto g = torch::autograd::grad({loss(dict(ps), b[0][i], b[1][i])}, ps, {}, true, true);
+      std::vector<Tensor> q;
+      for (size_t k = 0; k < ps.size(); ++k) q.push_back(ps[k] - 0.1 * g[k]);
+      total = total + loss(dict(q), b[2][i], b[3][i]);
+    }
+    auto ref = torch::autograd::grad({total / T}, ps);
     size_t k = 0;
-    for (const auto& it : params) d.insert(it.key(), v[k++]);
-    return d;
-  };
-  Tensor total = torch::zeros({});
-  for (int64_t i = 0; i < 4; ++i) {
-    auto g = torch::autograd::grad({loss(dict(ps), b[0][i], b[1][i])}, ps, {}, true, true);
-    std::vector<Tensor> q;
-    for (size_t k = 0; k < ps.size(); ++k) q.push_back(ps[k] - 0.1 * g[k]);
-    total = total + loss(dict(q), b[2][i], b[3][i]);
+    for (const auto& it : params) expect_close(got[it.key()], ref[k++], 1e-5);
   }
-  auto ref = torch::autograd::grad({total / 4}, ps);
-  size_t k = 0;
-  for (const auto& it : params) expect_close(got[it.key()], ref[k++], 1e-5);
 }
 
 TEST_F(TF, CompiledCnnPerSampleGradientsAndJacobiansEqualEager) {
