@@ -513,7 +513,8 @@ std::optional<std::vector<at::Tensor>> run_small_replay(const SmallPlan& p, cons
   auto bind = [&](int id, const at::Tensor& t) {
     const Meta& m = g.meta[id];
     if (!same_layout(t, m)) return false;
-    float* b = t.data_ptr<float>() - t.storage_offset();  // where the storage starts
+    // Where the storage starts (read only: inputs and constants are not written).
+    float* b = const_cast<float*>(static_cast<const float*>(t.storage().data()));
     if (base[m.storage] != nullptr && base[m.storage] != b) return false;
     base[m.storage] = b;
     owner[m.storage] = &t;
