@@ -90,7 +90,8 @@ class Graph {
   size_t num_constants() const;  // tensors held by the graph
   /// How many nodes call `op` ("aten::mm", or with its overload "aten::add.Tensor").
   size_t count(const std::string& op) const;
-  /// One line per op: "%5 = aten::mm(%3, %4)"; inputs, constants and outputs.
+  /// One line per op: "%5 = aten::mm(%3, %4)"; inputs, constants, outputs, and
+  /// which replay runs (small-tensor loops or ATen's kernels, and why).
   std::string str() const;
   /// Replays the graph on new inputs (same signature as at capture).
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) const;
