@@ -178,7 +178,9 @@ class Planner {
     std::vector<int> produced_by(num_storages_, kNone);
     for (size_t i = 0; i < g_.nodes.size(); ++i) {
       const Node& n = g_.nodes[i];
-      const std::string op = n.op.schema().operator_name().name + "." + n.op.schema().operator_name().overload_name;
+      const auto& on = n.op.schema().operator_name();
+      std::string op = on.name;
+      if (!on.overload_name.empty()) op += "." + on.overload_name;
       if (n.rets.size() != 1 || n.rets[0].list || n.rets[0].ids.size() != 1 || n.rets[0].ids[0] == kNone) {
         return refuse(op + " does not return one tensor");
       }
@@ -243,14 +245,38 @@ class Planner {
     return nullptr;
   }
 
+  // "%4 (Float[128, 9216]: 1179648 elements, more than 65536)": the value and
+  // what the loops do not take about it (nothing: "%4 (Float[3])").
   std::string value_name(int id) const {
     if (id < 0 || id >= static_cast<int>(g_.type_of.size())) return "an undefined tensor";
     std::string s(1, '%');  // appends: GCC 12 warns falsely on "%" + to_string
     s += std::to_string(id);
     s += " (";
     s += g_.type_of[id];
-    s += g_.meta[id].plain ? ")" : ", not a plain tensor)";
+    const std::string problem = value_problem(id);
+    if (!problem.empty()) {
+      s += ": ";
+      s += problem;
+    }
+    s += ")";
     return s;
+  }
+
+  std::string value_problem(int id) const {
+    const Meta& m = g_.meta[id];
+    if (m.storage == kNone) return "no storage";
+    if (m.dtype != at::kFloat) return "not float32";
+    if (!m.device.is_cpu()) return "not on the CPU";
+    if (!m.plain) return "not a plain tensor";
+    if (static_cast<int>(m.sizes.size()) > small::kMaxDims) return "more than 8 dimensions";
+    if (numel_of(m) > kMaxElements) {
+      std::string s = std::to_string(numel_of(m));
+      s += " elements, more than ";
+      s += std::to_string(kMaxElements);
+      return s;
+    }
+    if (!std::all_of(m.strides.begin(), m.strides.end(), [](int64_t st) { return st >= 0; })) return "a negative stride";
+    return "";
   }
 
   // as_strided(base, size, stride, offset) with the captured result's sizes and strides.
@@ -266,11 +292,7 @@ class Planner {
   }
 
   bool value_ok(int id) const {
-    if (id < 0 || id >= static_cast<int>(g_.meta.size())) return false;
-    const Meta& m = g_.meta[id];
-    return m.storage != kNone && m.dtype == at::kFloat && m.device.is_cpu() && m.plain &&
-           static_cast<int>(m.sizes.size()) <= small::kMaxDims && numel_of(m) <= kMaxElements &&
-           std::all_of(m.strides.begin(), m.strides.end(), [](int64_t s) { return s >= 0; });
+    return id >= 0 && id < static_cast<int>(g_.meta.size()) && value_problem(id).empty();
   }
 
   SmallPlan::Operand operand(int id) const {
