@@ -133,10 +133,16 @@ void unary(Unary op, const View& out, const View& x, float a) {
     case Unary::Sigmoid: return map1(out, x, [](float v) { return 1.f / (1.f + std::exp(-v)); });
     case Unary::Sin: return map1(out, x, [](float v) { return std::sin(v); });
     case Unary::Cos: return map1(out, x, [](float v) { return std::cos(v); });
-    case Unary::Square: return map1(out, x, [](float v) { return v * v; });
-    case Unary::Pow: return map1(out, x, [a](float v) { return std::pow(v, a); });
+    // The exponents ATen's kernel computes without pow, computed as it does.
+    case Unary::Pow:
+      if (a == 2.f) return map1(out, x, [](float v) { return v * v; });
+      if (a == 3.f) return map1(out, x, [](float v) { return v * v * v; });
+      if (a == -1.f) return map1(out, x, [](float v) { return 1.f / v; });
+      if (a == -2.f) return map1(out, x, [](float v) { return 1.f / (v * v); });
+      return map1(out, x, [a](float v) { return std::pow(v, a); });
     case Unary::AddScalar: return map1(out, x, [a](float v) { return v + a; });
     case Unary::MulScalar: return map1(out, x, [a](float v) { return v * a; });
+    case Unary::DivScalar: return map1(out, x, [a](float v) { return v / a; });
     case Unary::Fill: return map1(out, out, [a](float) { return a; });
   }
 }

@@ -22,10 +22,10 @@ struct View {
   int64_t stride[kMaxDims] = {};
 };
 
-enum class Unary : uint8_t { Copy, Neg, Relu, Abs, Exp, Log, Sqrt, Tanh, Sigmoid, Sin, Cos, Square, Pow, AddScalar, MulScalar, Fill };
+enum class Unary : uint8_t { Copy, Neg, Relu, Abs, Exp, Log, Sqrt, Tanh, Sigmoid, Sin, Cos, Pow, AddScalar, MulScalar, DivScalar, Fill };
 enum class Binary : uint8_t { Add, Sub, Mul, Div, ThresholdBackward, TanhBackward, SigmoidBackward };
 
-/// out = op(x) (a: the scalar of AddScalar, MulScalar, Pow, Fill).
+/// out = op(x) (a: the number of AddScalar, MulScalar, DivScalar, Pow, Fill).
 void unary(Unary op, const View& out, const View& x, float a);
 /// out = op(x, y) (alpha: Add's and Sub's multiplier of y, ThresholdBackward's threshold).
 void binary(Binary op, const View& out, const View& x, const View& y, float alpha);

@@ -442,15 +442,13 @@ class Planner {
       if (ov == "Tensor") return binary(n, out, name == "aten::mul" ? B::Mul : B::Div, 1.f);
       if (ov == "Scalar") {
         auto v = number(n.args[1]);
-        // ATen divides a float tensor by a CPU scalar as a product with its reciprocal.
-        return v && unary(n, out, U::MulScalar, name == "aten::mul" ? *v : 1.f / *v);
+        return v && unary(n, out, name == "aten::mul" ? U::MulScalar : U::DivScalar, *v);
       }
       return false;
     }
     if (name == "aten::pow" && ov == "Tensor_Scalar" && na == 2) {
       auto e = number(n.args[1]);
       if (!e) return false;
-      if (*e == 2.f) return unary(n, out, U::Square);
       if (*e == 1.f) return unary(n, out, U::Copy);
       return unary(n, out, U::Pow, *e);
     }

@@ -212,6 +212,16 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
     expect_close(std::get<1>(gg), std::get<1>(gr), 1e-6);
     expect_close(std::get<2>(gg), std::get<2>(gr), 1e-6);
   }
+  // Division by a number and the integer exponents ATen special-cases round as ATen's kernels do.
+  auto q = func::compile([](const Tensor& t) { return std::make_tuple(t / 3, t.pow(3), t.pow(-1), t.pow(0.5)); });
+  Tensor pos = torch::rand({64, 33}) + 0.1;
+  q(pos);
+  ASSERT_TRUE(q.graphs().at(0).uses_small_tensor_kernels());
+  auto qa = q(pos);
+  EXPECT_TRUE(torch::equal(std::get<0>(qa), pos / 3));
+  EXPECT_TRUE(torch::equal(std::get<1>(qa), pos.pow(3)));
+  EXPECT_TRUE(torch::equal(std::get<2>(qa), pos.pow(-1)));
+  expect_close(std::get<3>(qa), pos.pow(0.5), 1e-6);  // std::pow: not always ATen's last bit
   // Results are fresh tensors: a later replay does not write them.
   auto first = cg(x, w, b);
   Tensor kept = std::get<1>(first).clone();
