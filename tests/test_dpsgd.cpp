@@ -192,6 +192,32 @@ TEST(PrvAccountant, IssueExampleAndNoiseForEpsilon) {
   EXPECT_THROW(a.epsilon(1e-5, 0.01, 1e-4), std::invalid_argument);
 }
 
+// The scatternet preset releases two noisy second moments before training
+// (two Gaussian mechanisms, q = 1): sigma is solved with them counted, so the
+// run still ends within the target, and needs more noise than without them.
+TEST(PrvAccountant, NoiseForEpsilonCountsEarlierMechanisms) {
+  const double q = 8192.0 / 60000, delta = 1e-5;
+  const int64_t steps = 640;
+  dpsgd::PrvAccountant before;
+  before.step(1.0, 8.0, 2);
+  const double alone = dpsgd::noise_for_epsilon_prv(3.0, q, steps, delta);
+  const double sigma = dpsgd::noise_for_epsilon_prv(3.0, q, steps, delta, before);
+  EXPECT_GT(sigma, alone * 1.01);
+  dpsgd::PrvAccountant enough = before, too_little = before;
+  enough.step(q, sigma, steps);
+  too_little.step(q, sigma * 0.99, steps);
+  EXPECT_LE(enough.epsilon(delta).upper, 3.0);
+  EXPECT_GT(too_little.epsilon(delta).upper, 3.0);
+  dpsgd::RdpAccountant rdp_before;
+  rdp_before.step(1.0, 8.0, 2);
+  const double rdp_sigma = dpsgd::noise_for_epsilon(3.0, q, steps, delta, dpsgd::Conversion::Improved, rdp_before);
+  EXPECT_GT(rdp_sigma, dpsgd::noise_for_epsilon(3.0, q, steps, delta) * 1.01);
+  EXPECT_GT(rdp_sigma, sigma);  // RDP is the looser of the two
+  dpsgd::RdpAccountant r = rdp_before;
+  r.step(q, rdp_sigma, steps);
+  EXPECT_LE(r.spent(delta).epsilon, 3.0);
+}
+
 class Idx : public ::testing::Test {
  protected:
   void SetUp() override {

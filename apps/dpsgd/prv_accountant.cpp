@@ -239,14 +239,17 @@ PrvEpsilon PrvAccountant::epsilon(double delta, double eps_error, double delta_e
   return {eps_for(delta + delta_error) - eps_error, eps_for(delta), eps_for(delta - delta_error) + eps_error};
 }
 
-double noise_for_epsilon_prv(double target_epsilon, double q, int64_t steps, double delta) {
+double noise_for_epsilon_prv(double target_epsilon, double q, int64_t steps, double delta,
+                             const PrvAccountant& before) {
   auto eps = [&](double s) {
-    PrvAccountant a;
+    PrvAccountant a = before;
     a.step(q, s, steps);
     return a.epsilon(delta).upper;
   };
   // Bracket with the RDP answer (RDP is looser: its sigma reaches the target).
-  double hi = noise_for_epsilon(target_epsilon, q, steps, delta);
+  RdpAccountant rdp_before;
+  for (const auto& g : before.groups_) rdp_before.step(g.q, g.sigma, g.steps);
+  double hi = noise_for_epsilon(target_epsilon, q, steps, delta, Conversion::Improved, rdp_before);
   double lo = hi / 2;
   while (lo > 1e-3 && eps(lo) <= target_epsilon) lo /= 2;
   while (hi - lo > 1e-3 * hi) {

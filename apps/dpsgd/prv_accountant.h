@@ -37,6 +37,7 @@ class PrvAccountant {
   int64_t steps() const;
 
  private:
+  friend double noise_for_epsilon_prv(double, double, int64_t, double, const PrvAccountant&);  // reads groups_
   struct Group {
     double q, sigma;
     int64_t steps;
@@ -48,7 +49,9 @@ class PrvAccountant {
 double prv_cdf(double q, double sigma, double t);
 
 /// Smallest noise multiplier (to 1e-3 relative) for which `steps` steps at rate
-/// q stay within epsilon at delta under PRV accounting (its upper bound).
-double noise_for_epsilon_prv(double target_epsilon, double q, int64_t steps, double delta);
+/// q stay within epsilon at delta under PRV accounting (its upper bound), after
+/// what `before` holds (mechanisms already run on the same data).
+double noise_for_epsilon_prv(double target_epsilon, double q, int64_t steps, double delta,
+                             const PrvAccountant& before = PrvAccountant());
 
 }  // namespace dpsgd

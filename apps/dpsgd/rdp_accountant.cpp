@@ -156,8 +156,13 @@ PrivacySpent epsilon_after(double q, double sigma, int64_t steps, double delta, 
   return acc.spent(delta, conv);
 }
 
-double noise_for_epsilon(double target_epsilon, double q, int64_t steps, double delta, Conversion conv) {
-  auto eps = [&](double s) { return epsilon_after(q, s, steps, delta, conv).epsilon; };
+double noise_for_epsilon(double target_epsilon, double q, int64_t steps, double delta, Conversion conv,
+                         const RdpAccountant& before) {
+  auto eps = [&](double s) {
+    RdpAccountant a = before;
+    a.step(q, s, steps);
+    return a.spent(delta, conv).epsilon;
+  };
   double lo = 0.0, hi = 1.0;
   while (eps(hi) > target_epsilon) {
     lo = hi;

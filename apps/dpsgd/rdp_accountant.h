@@ -59,8 +59,10 @@ class RdpAccountant {
 };
 
 // Smallest noise multiplier (to 1e-3 relative) for which `steps` steps at rate q
-// stay within epsilon at delta. Throws std::invalid_argument if none <= 1e3.
+// stay within epsilon at delta, after what `before` holds (mechanisms already run
+// on the same data, e.g. a private feature statistic). Throws
+// std::invalid_argument if none <= 1e3.
 double noise_for_epsilon(double target_epsilon, double q, int64_t steps, double delta,
-                         Conversion conv = Conversion::Improved);
+                         Conversion conv = Conversion::Improved, const RdpAccountant& before = RdpAccountant());
 
 }  // namespace dpsgd

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes tests/data/prv_opacus.csv: epsilon from Opacus's PRVAccountant (and
 its RDP accountant, for comparison) on a grid of (q, sigma, steps, delta),
-plus two runs that change (q, sigma) midway. The C++ PRV accountant is tested
+plus runs that change (q, sigma) midway, and runs that start with plain
+Gaussian mechanisms (q = 1: the scatternet preset's private whitening). The C++ PRV accountant is tested
 against this file (tests/test_dpsgd.cpp). Needs opacus (its accountants use
 numpy and scipy only): pip install opacus scipy."""
 import csv
@@ -34,7 +35,9 @@ def main():
                         print("skip", q, sigma, steps, delta, e)
                         continue
                     rows.append([f"{q}:{sigma}:{steps}", delta, p, r])
-    for sched in ([(0.034, 2.0, 600), (0.01, 1.0, 500)], [(0.1, 5.0, 100), (0.001, 0.8, 2000), (0.1, 5.0, 50)]):
+    for sched in ([(0.034, 2.0, 600), (0.01, 1.0, 500)], [(0.1, 5.0, 100), (0.001, 0.8, 2000), (0.1, 5.0, 50)],
+                  [(1.0, 8.0, 2), (8192 / 60000, 4.98, 640)], [(1.0, 8.0, 2), (0.034, 2.0, 1176)],
+                  [(1.0, 4.0, 1), (0.01, 1.0, 500)], [(1.0, 20.0, 3)]):
         p, r = run(sched, 1e-5)
         rows.append([";".join(f"{q}:{s}:{n}" for q, s, n in sched), 1e-5, p, r])
     with open(OUT, "w", newline="") as f:

@@ -16,6 +16,15 @@ without affine part. sigma: Opacus's PRV accountant for --eps.
 A grid entry: lr, mom (SGD momentum), clip (C), sched (const, cos, lin,
 step: x0.1 for the last 20%). Prints each entry's test accuracy of the last
 iterate and of an EMA of the weights (mean +- std over seeds, then each seed).
+
+Whitening of the group-normalised features (apps/dpsgd/whitening.h):
+--kron R whitens by the channels' (81 x 81) and positions' (49 x 49) second
+moments of the features scaled to norm 1, regularised by R times their mean
+eigenvalue, with --wnoise S Gaussian noise on each (the preset: R 1, S 8);
+--whiten R by the full 3969 x 3969 second moment, without noise (not
+private: an upper bound). Each example is then rescaled to its former norm.
+This script keeps sigma at --eps without the whitening's privacy cost (the
+C++ demo counts it: sigma 5.07 instead of 4.92 at epsilon 3).
 """
 import argparse, gzip, json, math, os, time
 import numpy as np
@@ -45,6 +54,35 @@ def features(path, data_dir):
     return out
 
 
+def inv_sqrt(S, lam, noise, gen):
+    if noise > 0:
+        Z = torch.randn(S.shape, generator=gen, dtype=torch.float64).triu()
+        S = S + noise * (Z + Z.triu(1).T)
+    ev, V = torch.linalg.eigh(S)
+    return ((V * (ev.clamp(min=0) + lam).rsqrt()) @ V.T).float()
+
+
+def whiten(Xtr, Xte, a):
+    n = len(Xtr)
+    U = Xtr / Xtr.norm(dim=1, keepdim=True)
+    gen = torch.Generator().manual_seed(1234)
+    if a.kron > 0:
+        U = U.reshape(n, 81, -1)
+        A = inv_sqrt(torch.einsum("npk,nqk->pq", U, U).double(), a.kron * n / 81, a.wnoise, gen)
+        hw = U.shape[2]
+        B = inv_sqrt(torch.einsum("nkp,nkq->pq", U, U).double(), a.kron * n / hw, a.wnoise, gen)
+        tf = lambda X: (A @ X.reshape(len(X), 81, -1) @ B).reshape(len(X), -1)
+    else:
+        M = inv_sqrt((U.T @ U).double(), a.whiten * n / U.shape[1], 0, gen)
+        tf = lambda X: X @ M
+    r = Xtr.norm(dim=1).mean()
+    out = []
+    for X in (Xtr, Xte):
+        X = tf(X)
+        out.append(X * (r / X.norm(dim=1, keepdim=True)))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--eps", type=float, default=3)
@@ -54,6 +92,9 @@ def main():
     p.add_argument("--grid", required=True, help="a Python list of dicts (lr, mom, clip, sched)")
     p.add_argument("--groups", type=int, default=27)
     p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument("--kron", type=float, default=0, help="Kronecker-factored whitening, this regularisation")
+    p.add_argument("--whiten", type=float, default=0, help="full whitening (no noise), this regularisation")
+    p.add_argument("--wnoise", type=float, default=0, help="noise multiplier of --kron's second moments")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--features", default="scatternet_features.pt", help="cache of the raw scattering features")
@@ -64,6 +105,8 @@ def main():
     prep = lambda f: torch.nn.functional.group_norm(f, a.groups).reshape(len(f), -1)
     Xtr, ytr = prep(d["train"][0]), d["train"][1]
     Xte, yte = prep(d["t10k"][0]), d["t10k"][1]
+    if a.kron > 0 or a.whiten > 0:
+        Xtr, Xte = whiten(Xtr, Xte, a)
     n, D = Xtr.shape
     B = a.batch
     q = B / n
