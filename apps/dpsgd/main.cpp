@@ -72,7 +72,7 @@ struct Config {
   // (whitening.h): "kron" or "none" ("": the preset's), the noise multiplier
   // of its two second moments, and its regularisation.
   std::string whitening;
-  double whitening_noise = 8;
+  double whitening_noise = 16;
   double whitening_reg = 1;
   std::string accountant = "prv";  // what epsilon means: prv (Gopi et al. 2021) or rdp
   int64_t physical_batch = 0;  // per-sample gradients are computed in chunks of this size (0: the preset's)
