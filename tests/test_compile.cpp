@@ -15,6 +15,12 @@ namespace {
 // then test the ATen replay.
 constexpr bool kSmallLoopsRequired = TORCH_VERSION_MAJOR >= 2;
 
+// The graph takes the small-tensor loops, where they are required.
+::testing::AssertionResult small_loops_where_required(const func::Graph& g) {
+  if (!kSmallLoopsRequired || g.uses_small_tensor_kernels()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "the graph does not take the small-tensor loops:\n" << g.str();
+}
+
 void expect_dicts_close(const TensorDict& a, const TensorDict& b, double tol = 1e-6) {
   ASSERT_EQ(a.size(), b.size());
   for (const auto& it : a) {
@@ -123,7 +129,7 @@ TEST_F(TF, CompiledMamlMetaStepEqualsEagerAndAutogradLoop) {
     auto batch = [T = T, K = K] { return std::vector<Tensor>{torch::randn({T, K, 1}), torch::randn({T, K, 1}), torch::randn({T, K, 1}), torch::randn({T, K, 1})}; };
     auto b0 = batch();
     compiled(params, b0[0], b0[1], b0[2], b0[3]);
-    if (kSmallLoopsRequired) EXPECT_TRUE(compiled.graphs().at(0).uses_small_tensor_kernels()) << compiled.graphs().at(0).str();
+    EXPECT_TRUE(small_loops_where_required(compiled.graphs().at(0)));
     auto b = batch();
     TensorDict got = compiled(params, b[0], b[1], b[2], b[3]);
     expect_dicts_close(got, meta(params, b[0], b[1], b[2], b[3]));
@@ -201,8 +207,8 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   auto cf = func::compile(f), cf_aten = func::compile(f, aten_only);
   auto cg = func::compile(g), cg_aten = func::compile(g, aten_only);
   cf(x, w, b, v), cf_aten(x, w, b, v), cg(x, w, b), cg_aten(x, w, b);  // capture
-  if (kSmallLoopsRequired) ASSERT_TRUE(cf.graphs().at(0).uses_small_tensor_kernels()) << cf.graphs().at(0).str();
-  if (kSmallLoopsRequired) ASSERT_TRUE(cg.graphs().at(0).uses_small_tensor_kernels()) << cg.graphs().at(0).str();
+  ASSERT_TRUE(small_loops_where_required(cf.graphs().at(0)));
+  ASSERT_TRUE(small_loops_where_required(cg.graphs().at(0)));
   EXPECT_FALSE(cf_aten.graphs().at(0).uses_small_tensor_kernels());
   if (kSmallLoopsRequired) EXPECT_NE(cf.graphs().at(0).str().find("small tensors"), std::string::npos);
   for (int rep = 0; rep < 3; ++rep) {
@@ -222,7 +228,7 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   auto q = func::compile([](const Tensor& t) { return std::make_tuple(t / 3, t.pow(3), t.pow(-1), t.pow(0.5)); });
   Tensor pos = torch::rand({64, 33}) + 0.1;
   q(pos);
-  if (kSmallLoopsRequired) ASSERT_TRUE(q.graphs().at(0).uses_small_tensor_kernels());
+  ASSERT_TRUE(small_loops_where_required(q.graphs().at(0)));
   auto qa = q(pos);
   auto same = [](const Tensor& a, const Tensor& b) {  // bitwise where measured (2.x), else within 1e-6
     if (kSmallLoopsRequired) EXPECT_TRUE(torch::equal(a, b));
@@ -241,7 +247,7 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   auto h = func::compile([](const Tensor& a) { Tensor c = a.sin(); return std::make_tuple(a, c, c, a.t()); });
   Tensor a = torch::randn({3, 2});
   h(a);
-  if (kSmallLoopsRequired) ASSERT_TRUE(h.graphs().at(0).uses_small_tensor_kernels());
+  ASSERT_TRUE(small_loops_where_required(h.graphs().at(0)));
   auto out = h(a);
   EXPECT_TRUE(std::get<0>(out).is_same(a));
   EXPECT_TRUE(std::get<1>(out).is_same(std::get<2>(out)));
@@ -250,7 +256,7 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   expect_close(std::get<1>(out), a.sin(), 1e-6);
   // Graph::run with inputs of another layout than captured: the ATen replay.
   func::Graph graph = func::make_graph(f, x, w, b, v).optimized(func::CompileOptions());
-  if (kSmallLoopsRequired) ASSERT_TRUE(graph.uses_small_tensor_kernels());
+  ASSERT_TRUE(small_loops_where_required(graph));
   Tensor xt = torch::randn({4, 6}).t();
   auto ran = graph.run({xt, w, b, v});
   expect_close(ran[3], xt.mean(), 1e-6);

@@ -45,6 +45,20 @@ TEST(Whitening, SecondMomentsAreTheSumsOverExamples) {
   EXPECT_NEAR(P.trace().item<double>(), 40, 1e-9);
 }
 
+// More examples than one chunk of second_moments' loop (4096): the sums add
+// up over the chunks as over any split of the examples (each part below is
+// one chunk, checked against the loops above).
+TEST(Whitening, SecondMomentsAddUpOverChunks) {
+  const Tensor x = random_features(9000, 2);
+  const auto [C, P] = dpsgd::second_moments(x);
+  const auto [C1, P1] = dpsgd::second_moments(x.narrow(0, 0, 3000));
+  const auto [C2, P2] = dpsgd::second_moments(x.narrow(0, 3000, 3000));
+  const auto [C3, P3] = dpsgd::second_moments(x.narrow(0, 6000, 3000));
+  EXPECT_TRUE(torch::allclose(C, C1 + C2 + C3, 1e-12, 1e-9));
+  EXPECT_TRUE(torch::allclose(P, P1 + P2 + P3, 1e-12, 1e-9));
+  EXPECT_NEAR(C.trace().item<double>(), 9000, 1e-7);
+}
+
 // The accounting counts each sum as a Gaussian mechanism of sensitivity 1:
 // one more example, however large, moves each by at most 1 (Frobenius).
 TEST(Whitening, OneExampleMovesEachSumByAtMostOne) {

@@ -91,6 +91,20 @@ struct Config {
   bool debug_stall = false;
 };
 
+// Both accountants see every mechanism; --accountant says which one
+// "epsilon" reports, the other's figure is printed beside it.
+struct Accountants {
+  dpsgd::RdpAccountant rdp;
+  dpsgd::PrvAccountant prv;
+  void step(double q, double sigma, int64_t n = 1) {
+    rdp.step(q, sigma, n);
+    prv.step(q, sigma, n);
+  }
+  double epsilon(bool with_prv, double delta) const {
+    return with_prv ? prv.epsilon(delta).upper : rdp.spent(delta).epsilon;
+  }
+};
+
 // Presets. "quick" is the default: a few minutes on 2 cores, and the model
 // clearly learns. "paper" reproduces the setting of Papernot et al. (AAAI 2021):
 // tanh CNN, epsilon <= 3 at delta = 1e-5, at least 86.1% test accuracy.
@@ -331,18 +345,13 @@ int run(Config& c) {
   if (c.clipping != "ghost" && c.clipping != "vmap") throw std::invalid_argument("--clipping must be ghost or vmap");
   if (c.accountant != "prv" && c.accountant != "rdp") throw std::invalid_argument("--accountant must be prv or rdp");
   const bool use_prv = c.accountant == "prv";
-  // Both accountants run; --accountant says which one "epsilon" reports. The
-  // whitening's two noisy sums come first: two Gaussian mechanisms (rate 1).
-  dpsgd::RdpAccountant rdp;
-  dpsgd::PrvAccountant prv;
-  if (c.whitening == "kron") {
-    rdp.step(1.0, c.whitening_noise, 2);
-    prv.step(1.0, c.whitening_noise, 2);
-  }
+  // The whitening's two noisy sums come first: two Gaussian mechanisms (rate 1).
+  Accountants acc;
+  if (c.whitening == "kron") acc.step(1.0, c.whitening_noise, 2);
   if (!c.non_private && c.target_epsilon > 0)
-    c.noise = use_prv ? dpsgd::noise_for_epsilon_prv(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta, prv)
+    c.noise = use_prv ? dpsgd::noise_for_epsilon_prv(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta, acc.prv)
                       : dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta,
-                                                 dpsgd::Conversion::Improved, rdp);
+                                                 dpsgd::Conversion::Improved, acc.rdp);
 
   nn::Sequential model = scatter ? dpsgd::make_linear_model(train.x.sizes().slice(1), 10) : dpsgd::make_model(c.activation, c.norm_groups);
   model->to(device);
@@ -370,9 +379,10 @@ int run(Config& c) {
     torch::NoGradGuard no_grad;
     for (size_t k = 0; k < avg_params.size(); ++k) avg_params[k].mul_(d).add_(cur_params[k], 1 - d);
   };
-  auto spent = [&](bool with_prv) { return with_prv ? prv.epsilon(c.delta).upper : rdp.spent(c.delta).epsilon; };
+  auto spent = [&](bool with_prv) { return acc.epsilon(with_prv, c.delta); };
 
-  const std::string what = scatter ? "ScatterNet + linear model"
+  const std::string what = scatter ? (c.whitening == "kron" ? "ScatterNet + private whitening + linear model"
+                                                              : "ScatterNet + linear model")
                                    : c.activation + " CNN" + (c.norm_groups > 0 ? c10::str(" + GroupNorm(", c.norm_groups, ")") : "");
   if (lead) {
   std::printf("torchfunc-dpsgd: %s training of a %s on Fashion-MNIST (%lld train, %lld test images)\n",
@@ -430,8 +440,7 @@ int run(Config& c) {
           std::_Exit(3);
         }
         if (batch > 0) loss_sum += dp_step(model, params, opt, train, idx, c, world, aug_gen);
-        rdp.step(q, c.noise);
-        prv.step(q, c.noise);
+        acc.step(q, c.noise);
         seen += batch;
       }
       if (c.non_private) seen += idx.size(0);

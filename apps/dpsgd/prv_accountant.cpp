@@ -248,7 +248,7 @@ double noise_for_epsilon_prv(double target_epsilon, double q, int64_t steps, dou
   };
   // Bracket with the RDP answer (RDP is looser: its sigma reaches the target).
   RdpAccountant rdp_before;
-  for (const auto& g : before.groups_) rdp_before.step(g.q, g.sigma, g.steps);
+  for (const auto& g : before.groups()) rdp_before.step(g.q, g.sigma, g.steps);
   double hi = noise_for_epsilon(target_epsilon, q, steps, delta, Conversion::Improved, rdp_before);
   double lo = hi / 2;
   while (lo > 1e-3 && eps(lo) <= target_epsilon) lo /= 2;

@@ -36,12 +36,14 @@ class PrvAccountant {
   PrvEpsilon epsilon(double delta, double eps_error = 0.01, double delta_error = 0.0) const;
   int64_t steps() const;
 
- private:
-  friend double noise_for_epsilon_prv(double, double, int64_t, double, const PrvAccountant&);  // reads groups_
   struct Group {
     double q, sigma;
     int64_t steps;
   };
+  /// The steps so far, as runs of equal (q, sigma).
+  const std::vector<Group>& groups() const { return groups_; }
+
+ private:
   std::vector<Group> groups_;
 };
 

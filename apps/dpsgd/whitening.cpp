@@ -3,6 +3,7 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace dpsgd {
@@ -28,13 +29,22 @@ std::pair<at::Tensor, at::Tensor> second_moments(const at::Tensor& features) {
               "dpsgd::second_moments: features must be [n, c, h, w] with n > 0, got ", features.sizes());
   c10::InferenceMode guard;
   const int64_t n = features.size(0), c = features.size(1), hw = features.size(2) * features.size(3);
-  at::Tensor u = features.reshape({n, -1});
-  u = (u / u.norm(2, {1}, true).clamp_min(1e-12)).reshape({n, c, hw});
-  // Sums over examples and positions (channels) / examples and channels (positions).
-  const at::Tensor by_channel = u.transpose(0, 1).reshape({c, n * hw});
-  const at::Tensor by_position = u.permute({2, 0, 1}).reshape({hw, n * c});
-  return {at::matmul(by_channel, by_channel.t()).to(at::kDouble),
-          at::matmul(by_position, by_position.t()).to(at::kDouble)};
+  const auto opts = features.options().dtype(at::kDouble);
+  at::Tensor channel_sum = at::zeros({c, c}, opts), position_sum = at::zeros({hw, hw}, opts);
+  // In chunks of examples: the transposed copies of all 60,000 examples would
+  // take about 1 GB each.
+  constexpr int64_t kChunk = 4096;
+  for (int64_t begin = 0; begin < n; begin += kChunk) {
+    const int64_t m = std::min(kChunk, n - begin);
+    at::Tensor u = features.narrow(0, begin, m).reshape({m, -1});
+    u = (u / u.norm(2, {1}, true).clamp_min(1e-12)).reshape({m, c, hw});
+    // Sums over examples and positions (channels) / examples and channels (positions).
+    const at::Tensor by_channel = u.transpose(0, 1).reshape({c, m * hw});
+    const at::Tensor by_position = u.permute({2, 0, 1}).reshape({hw, m * c});
+    channel_sum += at::matmul(by_channel, by_channel.t()).to(at::kDouble);
+    position_sum += at::matmul(by_position, by_position.t()).to(at::kDouble);
+  }
+  return {channel_sum, position_sum};
 }
 
 KroneckerWhitening private_kronecker_whitening(const at::Tensor& features, double noise_multiplier,
