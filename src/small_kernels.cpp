@@ -150,12 +150,8 @@ void unary(Unary op, const View& out, const View& x, float a) {
 TORCHFUNC_SMALL_KERNEL
 void binary(Binary op, const View& out, const View& x, const View& y, float alpha) {
   switch (op) {
-    case Binary::Add:
-      if (alpha == 1.f) return map2(out, x, y, [](float a, float b) { return a + b; });
-      return map2(out, x, y, [alpha](float a, float b) { return a + alpha * b; });
-    case Binary::Sub:
-      if (alpha == 1.f) return map2(out, x, y, [](float a, float b) { return a - b; });
-      return map2(out, x, y, [alpha](float a, float b) { return a - alpha * b; });
+    case Binary::Add: return map2(out, x, y, [](float a, float b) { return a + b; });
+    case Binary::Sub: return map2(out, x, y, [](float a, float b) { return a - b; });
     case Binary::Mul: return map2(out, x, y, [](float a, float b) { return a * b; });
     case Binary::Div: return map2(out, x, y, [](float a, float b) { return a / b; });
     // x: the gradient, y: the forward input (ATen: self <= threshold ? 0 : grad).

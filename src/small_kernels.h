@@ -27,7 +27,7 @@ enum class Binary : uint8_t { Add, Sub, Mul, Div, ThresholdBackward, TanhBackwar
 
 /// out = op(x) (a: the number of AddScalar, MulScalar, DivScalar, Pow, Fill).
 void unary(Unary op, const View& out, const View& x, float a);
-/// out = op(x, y) (alpha: Add's and Sub's multiplier of y, ThresholdBackward's threshold).
+/// out = op(x, y) (alpha: ThresholdBackward's threshold; unused otherwise).
 void binary(Binary op, const View& out, const View& x, const View& y, float alpha);
 /// out = scale * (sum of x over the dimensions where out_b has stride 0),
 /// summed in double; out_b is out seen with x's shape. acc: room for out's

@@ -58,6 +58,10 @@ struct SmallPlan {
   // capture, except for views whose base the passes replaced (x * 1 -> x).
   std::vector<int> storage_of;
   std::vector<int64_t> offset_of;
+  // Per value: a 0-dim constant of another dtype than float32 that the steps
+  // read as a number (x * 2 on libtorch 1.13 is mul.Tensor(x, tensor(2))); not
+  // bound at replay.
+  std::vector<char> folded;
   int64_t arena = 0, work = 0, acc = 0;
 };
 
@@ -127,6 +131,27 @@ std::optional<small::View> broadcast_to(const Meta& x, const Meta& out) {
 
 bool is_none(const Arg& a) { return a.kind == Arg::Kind::Constant && a.constant.isNone(); }
 
+// A 0-dim CPU tensor of a real dtype other than float32, as a number: what
+// ATen computes with it next to a float32 tensor (type promotion keeps
+// float32, the value cast to float).
+std::optional<float> scalar_tensor_value(const at::Tensor& t) {
+  if (!t.defined() || t.dim() != 0 || !t.device().is_cpu() || t.layout() != c10::kStrided) return std::nullopt;
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      return static_cast<float>(t.item<double>());
+    case at::kLong:
+    case at::kInt:
+    case at::kShort:
+    case at::kChar:
+    case at::kByte:
+      return static_cast<float>(t.item<int64_t>());
+    case at::kBool:
+      return t.item<bool>() ? 1.f : 0.f;
+    default:
+      return std::nullopt;
+  }
+}
+
 std::optional<float> number(const Arg& a) {
   if (a.kind != Arg::Kind::Constant) return std::nullopt;
   const c10::IValue& v = a.constant;
@@ -156,6 +181,7 @@ class Planner {
     p_->storages.resize(num_storages_);
     p_->storage_of.assign(g_.meta.size(), kNone);
     p_->offset_of.assign(g_.meta.size(), 0);
+    p_->folded.assign(g_.meta.size(), 0);
     for (size_t id = 0; id < g_.meta.size(); ++id) {
       p_->storage_of[id] = g_.meta[id].storage;
       p_->offset_of[id] = g_.meta[id].offset;
@@ -167,6 +193,11 @@ class Planner {
       seen[g_.meta[id].storage] = 1;
     }
     for (const auto& c : g_.constants) {
+      if (auto v = scalar_tensor_value(c.second)) {
+        numbers_[c.first] = *v;
+        p_->folded[c.first] = 1;
+        continue;
+      }
       if (!value_ok(c.first)) return refuse("constant " + value_name(c.first));
       auto& s = p_->storages[g_.meta[c.first].storage];
       if (seen[g_.meta[c.first].storage] && s.where != SmallPlan::Where::Constant) {
@@ -186,8 +217,13 @@ class Planner {
       }
       const int out = n.rets[0].ids[0];
       if (!value_ok(out)) return refuse(op + " returns " + value_name(out));
-      for (const Arg& a : n.args) {
+      for (size_t k = 0; k < n.args.size(); ++k) {
+        const Arg& a = n.args[k];
         if (a.kind == Arg::Kind::List || a.kind == Arg::Kind::OptionalList) return refuse(op + " takes a list of tensors");
+        if (a.kind == Arg::Kind::Value && p_->folded[a.value]) {
+          if (k == 1 && takes_number_tensor(op)) continue;
+          return refuse(op + " reads the 0-dim constant " + value_name(a.value) + " as a tensor");
+        }
         if (a.kind == Arg::Kind::Value && !value_ok(a.value)) return refuse(op + " reads " + value_name(a.value));
         if (a.kind == Arg::Kind::Constant && a.constant.isTensor()) return refuse(op + " reads a tensor constant");
       }
@@ -240,6 +276,19 @@ class Planner {
   std::string why;  // when plan() returned null
 
  private:
+  // Binary ops whose second operand may be a folded 0-dim constant.
+  static bool takes_number_tensor(const std::string& op) {
+    return op == "aten::add.Tensor" || op == "aten::sub.Tensor" || op == "aten::mul.Tensor" || op == "aten::div.Tensor";
+  }
+
+  // The second operand as a number: a folded constant (or nothing).
+  std::optional<float> folded_number(const Arg& a) const {
+    if (a.kind != Arg::Kind::Value) return std::nullopt;
+    auto it = numbers_.find(a.value);
+    if (it == numbers_.end()) return std::nullopt;
+    return it->second;
+  }
+
   std::shared_ptr<const SmallPlan> refuse(std::string reason) {
     why = std::move(reason);
     return nullptr;
@@ -430,18 +479,27 @@ class Planner {
     if ((name == "aten::add" || name == "aten::sub") && na == 3) {
       auto alpha = number(n.args[2]);
       if (!alpha) return false;
-      if (ov == "Tensor") return binary(n, out, name == "aten::add" ? B::Add : B::Sub, *alpha);
-      if (ov == "Scalar") {
-        auto v = number(n.args[1]);
-        // ATen: self + alpha * other, in float.
-        return v && unary(n, out, U::AddScalar, (name == "aten::add" ? 1.f : -1.f) * (*alpha * *v));
+      // Two tensors: alpha 1 only (ATen fuses alpha * other into the
+      // addition in its vectorised loops, not in their tails; see below).
+      if (ov == "Tensor" && !folded_number(n.args[1])) {
+        return *alpha == 1.f && binary(n, out, name == "aten::add" ? B::Add : B::Sub, 1.f);
+      }
+      if (ov == "Scalar" || ov == "Tensor") {
+        auto v = ov == "Scalar" ? number(n.args[1]) : folded_number(n.args[1]);
+        if (!v) return false;
+        // ATen: self + alpha * other in float, fused (fma) in its vectorised
+        // loops and not in their tails: the same bits only where alpha * other
+        // is exact in float (alpha 1 always).
+        const double scaled = static_cast<double>(*alpha) * static_cast<double>(*v);
+        if (static_cast<double>(static_cast<float>(scaled)) != scaled) return false;
+        return unary(n, out, U::AddScalar, (name == "aten::add" ? 1.f : -1.f) * static_cast<float>(scaled));
       }
       return false;
     }
     if ((name == "aten::mul" || name == "aten::div") && na == 2) {
-      if (ov == "Tensor") return binary(n, out, name == "aten::mul" ? B::Mul : B::Div, 1.f);
-      if (ov == "Scalar") {
-        auto v = number(n.args[1]);
+      if (ov == "Tensor" && !folded_number(n.args[1])) return binary(n, out, name == "aten::mul" ? B::Mul : B::Div, 1.f);
+      if (ov == "Scalar" || ov == "Tensor") {
+        auto v = ov == "Scalar" ? number(n.args[1]) : folded_number(n.args[1]);
         return v && unary(n, out, name == "aten::mul" ? U::MulScalar : U::DivScalar, *v);
       }
       return false;
@@ -508,6 +566,7 @@ class Planner {
   const GraphImpl& g_;
   std::shared_ptr<SmallPlan> p_ = std::make_shared<SmallPlan>();
   int num_storages_ = 0;
+  std::unordered_map<int, float> numbers_;  // the folded constants' values
 };
 
 bool same_layout(const at::Tensor& t, const Meta& m) {
@@ -544,7 +603,7 @@ std::optional<std::vector<at::Tensor>> run_small_replay(const SmallPlan& p, cons
     if (!bind(g.inputs[i], inputs[i])) return std::nullopt;
   }
   for (const auto& c : g.constants) {
-    if (!bind(c.first, c.second)) return std::nullopt;
+    if (!p.folded[c.first] && !bind(c.first, c.second)) return std::nullopt;
   }
   // Results: their own tensors; the rest: one buffer per thread, kept.
   std::vector<at::Tensor> results(S);

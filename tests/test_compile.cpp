@@ -9,15 +9,10 @@ using func::TensorDict;
 
 namespace {
 
-// The small-tensor loops (CompileOptions::small_tensor_kernels) are required
-// to take these graphs on libtorch 2.x, where they are measured; on 1.13
-// (Debian) functorch may lower to ops they do not cover, and the same checks
-// then test the ATen replay.
-constexpr bool kSmallLoopsRequired = TORCH_VERSION_MAJOR >= 2;
-
-// The graph takes the small-tensor loops, where they are required.
-::testing::AssertionResult small_loops_where_required(const func::Graph& g) {
-  if (!kSmallLoopsRequired || g.uses_small_tensor_kernels()) return ::testing::AssertionSuccess();
+// The graph replays on the small-tensor loops (CompileOptions::
+// small_tensor_kernels); the graph is printed where it does not.
+::testing::AssertionResult small_loops(const func::Graph& g) {
+  if (g.uses_small_tensor_kernels()) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "the graph does not take the small-tensor loops:\n" << g.str();
 }
 
@@ -129,7 +124,7 @@ TEST_F(TF, CompiledMamlMetaStepEqualsEagerAndAutogradLoop) {
     auto batch = [T = T, K = K] { return std::vector<Tensor>{torch::randn({T, K, 1}), torch::randn({T, K, 1}), torch::randn({T, K, 1}), torch::randn({T, K, 1})}; };
     auto b0 = batch();
     compiled(params, b0[0], b0[1], b0[2], b0[3]);
-    EXPECT_TRUE(small_loops_where_required(compiled.graphs().at(0)));
+    EXPECT_TRUE(small_loops(compiled.graphs().at(0)));
     auto b = batch();
     TensorDict got = compiled(params, b[0], b[1], b[2], b[3]);
     expect_dicts_close(got, meta(params, b[0], b[1], b[2], b[3]));
@@ -207,10 +202,10 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   auto cf = func::compile(f), cf_aten = func::compile(f, aten_only);
   auto cg = func::compile(g), cg_aten = func::compile(g, aten_only);
   cf(x, w, b, v), cf_aten(x, w, b, v), cg(x, w, b), cg_aten(x, w, b);  // capture
-  ASSERT_TRUE(small_loops_where_required(cf.graphs().at(0)));
-  ASSERT_TRUE(small_loops_where_required(cg.graphs().at(0)));
+  ASSERT_TRUE(small_loops(cf.graphs().at(0)));
+  ASSERT_TRUE(small_loops(cg.graphs().at(0)));
   EXPECT_FALSE(cf_aten.graphs().at(0).uses_small_tensor_kernels());
-  if (kSmallLoopsRequired) EXPECT_NE(cf.graphs().at(0).str().find("small tensors"), std::string::npos);
+  EXPECT_NE(cf.graphs().at(0).str().find("small tensors"), std::string::npos);
   for (int rep = 0; rep < 3; ++rep) {
     Tensor x2 = torch::randn({6, 4}), w2 = torch::randn({4, 5}), b2 = torch::rand({5}) + 0.5, v2 = torch::randn({3, 2, 7});
     auto got = cf(x2, w2, b2, v2), ref = f(x2, w2, b2, v2), aten = cf_aten(x2, w2, b2, v2);
@@ -228,16 +223,48 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   auto q = func::compile([](const Tensor& t) { return std::make_tuple(t / 3, t.pow(3), t.pow(-1), t.pow(0.5)); });
   Tensor pos = torch::rand({64, 33}) + 0.1;
   q(pos);
-  ASSERT_TRUE(small_loops_where_required(q.graphs().at(0)));
+  ASSERT_TRUE(small_loops(q.graphs().at(0)));
   auto qa = q(pos);
-  auto same = [](const Tensor& a, const Tensor& b) {  // bitwise where measured (2.x), else within 1e-6
-    if (kSmallLoopsRequired) EXPECT_TRUE(torch::equal(a, b));
-    else expect_close(a, b, 1e-6);
-  };
+  auto same = [](const Tensor& a, const Tensor& b) { EXPECT_TRUE(torch::equal(a, b)); };
   same(std::get<0>(qa), pos / 3);
   same(std::get<1>(qa), pos.pow(3));
   same(std::get<2>(qa), pos.pow(-1));
   expect_close(std::get<3>(qa), pos.pow(0.5), 1e-6);  // std::pow: not always ATen's last bit
+  // 0-dim constants of other dtypes next to float32 tensors (libtorch 1.13
+  // lowers x * 2 to mul.Tensor(x, tensor(2))): read as numbers, as ATen does.
+  const Tensor two = torch::tensor(2), third = torch::tensor(1.0 / 3, torch::kDouble), yes = torch::tensor(true),
+               six = torch::tensor(6);
+  auto k = func::compile([=](const Tensor& t) {
+    return std::make_tuple(t * two, t / third, t.add(third, 2), t.add(yes), t.sub(six, 0.5));
+  });
+  k(pos);
+  ASSERT_TRUE(small_loops(k.graphs().at(0)));
+  for (int rep = 0; rep < 2; ++rep) {
+    Tensor t = torch::randn({64, 33});  // the shape captured: the graph checked above
+    auto ka = k(t);
+    EXPECT_TRUE(torch::equal(std::get<0>(ka), t * two));
+    EXPECT_TRUE(torch::equal(std::get<1>(ka), t / third));
+    EXPECT_TRUE(torch::equal(std::get<2>(ka), t.add(third, 2)));
+    EXPECT_TRUE(torch::equal(std::get<3>(ka), t.add(yes)));
+    EXPECT_TRUE(torch::equal(std::get<4>(ka), t.sub(six, 0.5)));
+  }
+  // alpha * number not exact in float, or alpha != 1 between two tensors:
+  // ATen rounds the product once or twice (fused in its vectorised loops
+  // only), so each of these keeps the ATen replay.
+  for (auto fn : std::vector<std::function<Tensor(const Tensor&)>>{[=](const Tensor& t) { return t.add(third, 2.5); },
+                                                                 [](const Tensor& t) { return t.add(1.0 / 3, 2.5); },
+                                                                 [](const Tensor& t) { return t.sub(t.sin(), 0.3); }}) {
+    auto kf = func::compile(fn);
+    kf(pos);
+    EXPECT_FALSE(kf.graphs().at(0).uses_small_tensor_kernels()) << kf.graphs().at(0).str();
+    EXPECT_TRUE(torch::equal(kf(pos), fn(pos)));
+  }
+  // Read as a tensor (not the number operand of add/sub/mul/div): the ATen replay.
+  auto kt = func::compile([=](const Tensor& t) { return two - t; });
+  kt(pos);
+  EXPECT_FALSE(kt.graphs().at(0).uses_small_tensor_kernels());
+  EXPECT_NE(kt.graphs().at(0).str().find("as a tensor"), std::string::npos) << kt.graphs().at(0).str();
+  expect_close(kt(pos), two - pos, 0);
   // Results are fresh tensors: a later replay does not write them.
   auto first = cg(x, w, b);
   Tensor kept = std::get<1>(first).clone();
@@ -247,7 +274,7 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   auto h = func::compile([](const Tensor& a) { Tensor c = a.sin(); return std::make_tuple(a, c, c, a.t()); });
   Tensor a = torch::randn({3, 2});
   h(a);
-  ASSERT_TRUE(small_loops_where_required(h.graphs().at(0)));
+  ASSERT_TRUE(small_loops(h.graphs().at(0)));
   auto out = h(a);
   EXPECT_TRUE(std::get<0>(out).is_same(a));
   EXPECT_TRUE(std::get<1>(out).is_same(std::get<2>(out)));
@@ -256,7 +283,7 @@ TEST_F(TF, CompileSmallTensorKernelsMatchAten) {
   expect_close(std::get<1>(out), a.sin(), 1e-6);
   // Graph::run with inputs of another layout than captured: the ATen replay.
   func::Graph graph = func::make_graph(f, x, w, b, v).optimized(func::CompileOptions());
-  ASSERT_TRUE(small_loops_where_required(graph));
+  ASSERT_TRUE(small_loops(graph));
   Tensor xt = torch::randn({4, 6}).t();
   auto ran = graph.run({xt, w, b, v});
   expect_close(ran[3], xt.mean(), 1e-6);
