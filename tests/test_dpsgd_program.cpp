@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -78,6 +79,86 @@ std::vector<Tensor> initial_params(uint64_t seed) {
 }
 
 const std::string kSmoke = "--preset smoke --threads 2 ";
+
+// ---- the e2e preset's Gabor start of the first convolution (model.h) ----------
+
+// Filter k of gabor_bank(16, 8) with the default options, from the closed
+// form in scalar loops: theta = pi (k / 2) / 8, phase 0 or pi / 2, sigma 1.5,
+// wavelength 4, aspect 0.5; then zero mean and norm 1.
+std::vector<double> gabor_by_loops(int k) {
+  const double theta = M_PI * (k / 2) / 8, phase = (k % 2) * M_PI / 2;
+  std::vector<double> v;
+  for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < 8; ++j) {
+      const double x = j - 3.5, y = i - 3.5;
+      const double along = x * std::cos(theta) + y * std::sin(theta), across = y * std::cos(theta) - x * std::sin(theta);
+      v.push_back(std::exp(-(along * along + 0.25 * across * across) / (2 * 1.5 * 1.5)) *
+                  std::cos(2 * M_PI * along / 4 + phase));
+    }
+  }
+  double mean = 0, norm = 0;
+  for (double e : v) mean += e / v.size();
+  for (double& e : v) norm += (e -= mean) * e;
+  for (double& e : v) e /= std::sqrt(norm);
+  return v;
+}
+
+TEST(GaborBank, FiltersFollowTheClosedFormAndItsSymmetries) {
+  const Tensor bank = dpsgd::gabor_bank(16, 8);
+  ASSERT_EQ(bank.sizes(), (std::vector<int64_t>{16, 1, 8, 8}));
+  ASSERT_EQ(bank.scalar_type(), torch::kFloat);
+  for (int k = 0; k < 16; ++k) {
+    const Tensor f = bank[k][0].to(torch::kDouble);
+    const auto ref = gabor_by_loops(k);
+    EXPECT_LT((f.flatten() - torch::tensor(ref, torch::kDouble)).abs().max().item<double>(), 1e-6) << "filter " << k;
+    EXPECT_NEAR(f.sum().item<double>(), 0, 1e-6);
+    EXPECT_NEAR(f.norm().item<double>(), 1, 1e-6);
+    // Cosine filters are even under a point reflection, sine filters odd.
+    const Tensor reflected = f.flip({0, 1});
+    EXPECT_LT((reflected - (k % 2 == 0 ? f : -f)).abs().max().item<double>(), 1e-6) << "filter " << k;
+  }
+  // A quarter turn: the filters at pi / 2 are those at 0, transposed.
+  EXPECT_LT((bank[8][0] - bank[0][0].t()).abs().max().item<float>(), 1e-6);
+  EXPECT_LT((bank[9][0] - bank[1][0].t()).abs().max().item<float>(), 1e-6);
+  // Options: the norm scales; channels 16-31 are the next scale (wider envelope, longer wave).
+  dpsgd::GaborOptions o;
+  o.norm = 3;
+  EXPECT_TRUE(torch::allclose(dpsgd::gabor_bank(16, 8, o), 3 * bank, 1e-6, 1e-6));
+  const Tensor two_scales = dpsgd::gabor_bank(32, 8);
+  EXPECT_TRUE(torch::equal(two_scales.narrow(0, 0, 16), bank));
+  EXPECT_GT((two_scales[16] - bank[0]).abs().max().item<float>(), 0.05);
+  try {
+    dpsgd::gabor_bank(0, 8);
+    ADD_FAILURE() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("dpsgd::gabor_bank: channels"), std::string::npos);
+  }
+}
+
+// make_model(..., "gabor") differs from the default model only in conv1's
+// weights (the default initialisation still draws, so the rest is the same).
+TEST(GaborBank, MakeModelStartsTheFirstConvolutionFromTheBank) {
+  torch::manual_seed(3);
+  const auto gabor = dpsgd::make_model("tanh", 0, "gabor")->named_parameters();
+  torch::manual_seed(3);
+  const auto random = dpsgd::make_model("tanh")->named_parameters();
+  ASSERT_EQ(gabor.size(), random.size());
+  for (const auto& p : gabor) {
+    if (p.key() == "0.weight") EXPECT_TRUE(torch::equal(p.value(), dpsgd::gabor_bank(16, 8)));
+    else EXPECT_TRUE(torch::equal(p.value(), random[p.key()])) << p.key();
+  }
+  EXPECT_FALSE(torch::equal(gabor["0.weight"], random["0.weight"]));
+  EXPECT_THROW(dpsgd::make_model("tanh", 0, "gabour"), std::invalid_argument);
+}
+
+TEST(DemoProgram, Conv1InitIsCheckedBeforeAnyWork) {
+  DemoRun typo = run_demo("conv1_typo", kSmoke + "--conv1-init gabour");
+  EXPECT_NE(typo.status, 0);
+  EXPECT_NE(typo.log.find("--conv1-init must be random or gabor, got 'gabour'"), std::string::npos) << typo.log;
+  DemoRun linear = run_demo("conv1_linear", "--preset scatternet-smoke --conv1-init gabor");
+  EXPECT_NE(linear.status, 0);
+  EXPECT_NE(linear.log.find("--conv1-init gabor applies to the CNN"), std::string::npos) << linear.log;
+}
 
 // --clipping ghost (per-layer norms, nothing materialised) and vmap (every
 // per-sample gradient materialised) compute the same clipped sums up to

@@ -55,6 +55,7 @@ struct Config {
   std::string out_dir = "dpsgd-out";
   std::string device = "auto";
   std::string activation = "tanh";
+  std::string conv1_init;   // CNN: "random" or "gabor" (model.h; "": the preset's)
   int64_t norm_groups = 0;  // GroupNorm after each convolution (0: none; no preset sets it)
   int64_t augmentations = 1;  // K views of every sampled example, gradients averaged before clipping
   int64_t aug_shift = 2;      // each view: a random shift of up to this many pixels ...
@@ -108,8 +109,9 @@ struct Accountants {
 // Presets. "quick" is the default: a few minutes on 2 cores, and the model
 // clearly learns. "paper" reproduces the setting of Papernot et al. (AAAI 2021):
 // tanh CNN, epsilon <= 3 at delta = 1e-5, at least 86.1% test accuracy.
-// "e2e" is the best end-to-end recipe measured here (README): paper's CNN and
-// steps with sigma solved for epsilon 3 (PRV) and an EMA of the weights.
+// "e2e" is the best end-to-end recipe measured here (README): paper's CNN,
+// its first convolution started from a Gabor bank (model.h), paper's steps
+// with sigma solved for epsilon 3 (PRV), and an EMA of the weights.
 // "scatternet" is Tramer & Boneh's (ICLR 2021) ScatterNet + linear model:
 // fixed scattering features (J = 2, L = 8: 81 x 7 x 7), group-normalised (27
 // groups, no affine part: a fixed per-example function), a linear layer from
@@ -147,6 +149,11 @@ void apply_preset(Config& c) {
   if (c.momentum < 0) c.momentum = p.momentum;
   if (c.ema < 0) c.ema = p.ema;
   if ((c.preset == "smoke" || c.preset == "scatternet-smoke") && c.train_limit == 0) c.train_limit = 2048;
+  if (c.conv1_init.empty()) c.conv1_init = c.preset == "e2e" ? "gabor" : "random";
+  if (c.conv1_init != "random" && c.conv1_init != "gabor")
+    throw std::invalid_argument("--conv1-init must be random or gabor, got '" + c.conv1_init + "'");
+  if (c.conv1_init == "gabor" && uses_scattering(c))
+    throw std::invalid_argument("--conv1-init gabor applies to the CNN, not to the ScatterNet presets' linear model");
   if (c.whitening.empty()) c.whitening = uses_scattering(c) ? "kron" : "none";
   if (c.whitening != "kron" && c.whitening != "none")
     throw std::invalid_argument("--whitening must be kron or none, got '" + c.whitening + "'");
@@ -353,7 +360,7 @@ int run(Config& c) {
                       : dpsgd::noise_for_epsilon(c.target_epsilon, q, steps_per_epoch * c.epochs, c.delta,
                                                  dpsgd::Conversion::Improved, acc.rdp);
 
-  nn::Sequential model = scatter ? dpsgd::make_linear_model(train.x.sizes().slice(1), 10) : dpsgd::make_model(c.activation, c.norm_groups);
+  nn::Sequential model = scatter ? dpsgd::make_linear_model(train.x.sizes().slice(1), 10) : dpsgd::make_model(c.activation, c.norm_groups, c.conv1_init);
   model->to(device);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(c.lr).momentum(c.momentum));
   const func::TensorDict params = func::named_parameters(model);  // shares storage with the model
@@ -383,7 +390,8 @@ int run(Config& c) {
 
   const std::string what = scatter ? (c.whitening == "kron" ? "ScatterNet + private whitening + linear model"
                                                               : "ScatterNet + linear model")
-                                   : c.activation + " CNN" + (c.norm_groups > 0 ? c10::str(" + GroupNorm(", c.norm_groups, ")") : "");
+                                   : c.activation + " CNN" + (c.norm_groups > 0 ? c10::str(" + GroupNorm(", c.norm_groups, ")") : "") +
+                                         (c.conv1_init == "gabor" ? " (conv1 from a Gabor bank)" : "");
   if (lead) {
   std::printf("torchfunc-dpsgd: %s training of a %s on Fashion-MNIST (%lld train, %lld test images)\n",
               c.non_private ? "NON-PRIVATE" : "DP-SGD", what.c_str(), (long long)n, (long long)test.x.size(0));
@@ -474,7 +482,7 @@ int run(Config& c) {
                   {"clip", c.clip}, {"lr", c.lr}, {"momentum", c.momentum}, {"ema", c.ema}, {"delta", c.delta}, {"seed", c.seed},
                   {"accountant", c.accountant}, {"clipping", c.clipping},
                   {"whitening", c.whitening}, {"whitening_noise", c.whitening_noise}, {"whitening_reg", c.whitening_reg}, {"ranks", world.size()},
-                  {"activation", c.activation}, {"norm_groups", c.norm_groups}, {"augmentations", c.augmentations}, {"aug_shift", c.aug_shift}, {"aug_flip", c.aug_flip}, {"non_private", c.non_private}, {"train_examples", n},
+                  {"activation", c.activation}, {"conv1_init", c.conv1_init}, {"norm_groups", c.norm_groups}, {"augmentations", c.augmentations}, {"aug_shift", c.aug_shift}, {"aug_flip", c.aug_flip}, {"non_private", c.non_private}, {"train_examples", n},
                   {"threads", torch::get_num_threads()}, {"model", what}, {"feature_seconds", feature_seconds}, {"device", device.str()}, {"caching_allocator", device.is_cpu() && c.caching_allocator}}},
       {"epochs", records},
       {"final", records.back()},
@@ -533,7 +541,8 @@ int main(int argc, char** argv) {
   app.add_option("--preset", c.preset,
                  "quick (default; tanh CNN, 10 epochs, batch 2048, sigma 2.15, C 0.1, lr 4, momentum 0.9), "
                  "paper (the same for 40 epochs: Papernot et al., eps <= 3), "
-                 "e2e (paper's CNN and steps, sigma for --target-epsilon (default 3), EMA 0.999), "
+                 "e2e (paper's CNN with conv1 from a Gabor bank (--conv1-init), paper's steps, sigma for --target-epsilon "
+                 "(default 3), EMA 0.999), "
                  "scatternet (ScatterNet J=2 L=8 features, GroupNorm 27, private whitening (--whitening), linear model: "
                  "batch 8192, C 0.1, lr 8, momentum 0.8, sigma for --target-epsilon (default 3), epochs 5 + 25 "
                  "epsilon up to 80), "
@@ -561,6 +570,8 @@ int main(int argc, char** argv) {
   app.add_option("--whitening-reg", c.whitening_reg,
                  "whitening's regularisation: lambda = this times the mean eigenvalue")->capture_default_str();
   app.add_option("--activation", c.activation, "tanh or relu")->capture_default_str();
+  app.add_option("--conv1-init", c.conv1_init, "CNN's first convolution: random (PyTorch's default) or gabor (a bank of "
+                 "Gabor filters: 8 orientations x 2 phases, data-independent; default: the e2e preset's)");
   app.add_option("--norm-groups", c.norm_groups, "CNN: a GroupNorm of this many groups after each convolution "
                  "(0, the default: none)")->capture_default_str()->check(CLI::NonNegativeNumber);
   app.add_option("--augmentations", c.augmentations, "augmentation multiplicity K: every sampled example's gradient "
